@@ -1,0 +1,16 @@
+"""Test setup shared by every test file.
+
+Without a GPU the Triton kernels are exercised through the Triton interpreter. Triton decides
+between interpreter and compiler when a kernel is *decorated*, so the variable must be set before
+anything imports `kernels` -- a conftest runs before test modules are collected.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
