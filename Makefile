@@ -1,0 +1,59 @@
+# mofo: the two commands a newcomer needs are `make demo` and `make test`; both install first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+DEMO    := runs/demo
+# The CPU demo: tiny preset at 32x32, text-to-image pre-training then depth post-training on
+# sparse LiDAR-like depth. Override on the command line, e.g. `make demo DEMO_STEPS=2000`.
+DEMO_CONFIG ?= tiny
+DEMO_T2I_STEPS ?= 600
+DEMO_STEPS ?= 1200
+DEMO_BATCH ?= 32
+
+.PHONY: install demo test test-slow train sample bench clean
+
+install: $(STAMP)
+
+# torch: the CUDA build from PyPI where a driver is present, otherwise the CPU wheel (the
+# local +cpu wheel when the machine carries one, else PyTorch's CPU index).
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  .venv/bin/pip install -q torch==2.13.0; \
+	else \
+	  .venv/bin/pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	  .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	.venv/bin/pip install -q -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(PY) train.py --config $(DEMO_CONFIG) --stage t2i --data scenes --steps $(DEMO_T2I_STEPS) \
+	  --batch-size $(DEMO_BATCH) --lr 1e-3 --dtype bf16 --save-every $(DEMO_T2I_STEPS) --log-every 50 \
+	  --out $(DEMO)/t2i
+	$(PY) train.py --config $(DEMO_CONFIG) --stage mofo --data scenes --sparse lidar --steps $(DEMO_STEPS) \
+	  --batch-size $(DEMO_BATCH) --lr 1e-3 --dtype bf16 --save-every $(DEMO_STEPS) --log-every 50 \
+	  --init $(DEMO)/t2i --out $(DEMO)/mofo
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode joint --steps 30 --out $(DEMO)/joint \
+	  --prompt "a red sphere left of a blue box on a checkered floor"
+	$(PY) data.py --scene 0 --split test --res 32 --out $(DEMO)/heldout
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode i2d --image $(DEMO)/heldout/rgb.png --steps 30 --out $(DEMO)/i2d
+	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps 30 --out $(DEMO)/eval
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+sample: $(STAMP)
+	$(PY) sample.py $(ARGS)
+
+bench: $(STAMP)
+	$(PY) kernels/bench.py --out bench.json
+
+clean:
+	rm -rf runs outputs eval_out .pytest_cache

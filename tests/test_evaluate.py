@@ -1,0 +1,248 @@
+"""Tests for evaluate.py: alignment, metrics, ensembling, baselines, and the CLI end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import data
+import evaluate as ev
+from helpers import assert_user_error, run_cli, train_tiny
+
+
+def _gt(h=6, w=5, seed=0):
+    rng = np.random.default_rng(seed)
+    gt = rng.uniform(0.5, 10.0, size=(h, w))
+    valid = np.ones((h, w), bool)
+    valid[0, 0] = False
+    return gt, valid
+
+
+# -----------------------------------------------------------------------------
+# alignment
+
+
+def test_least_squares_recovers_scale_and_shift():
+    gt, valid = _gt()
+    a, b = 2.5, -0.7
+    pred = (gt - b) / a
+    pred[0, 0] = 1e3  # invalid pixel: must not influence the fit
+    aligned = ev.align_depth(pred, gt, valid, "least_squares")
+    np.testing.assert_allclose(aligned[valid], gt[valid], atol=1e-6)
+
+
+def test_disparity_alignment_is_affine_in_inverse_depth():
+    gt, valid = _gt()
+    # a prediction whose *disparity* is an affine map of the GT disparity is recovered exactly...
+    pred = 1.0 / (0.3 / gt + 0.05)
+    aligned = ev.align_depth(pred, gt, valid, "least_squares_disparity")
+    np.testing.assert_allclose(aligned[valid], gt[valid], rtol=1e-9)
+    # ...while a depth-space affine map is not (it is not affine in disparity)
+    aligned = ev.align_depth(gt * 2.0 + 3.0, gt, valid, "least_squares_disparity")
+    assert np.abs(aligned[valid] - gt[valid]).max() > 1e-3
+
+
+def test_median_alignment_is_scale_invariant_only():
+    gt, valid = _gt()
+    aligned = ev.align_depth(gt * 0.13, gt, valid, "median")
+    np.testing.assert_allclose(aligned[valid], gt[valid], rtol=1e-12)
+    # a shift survives median alignment, so the result is not the GT
+    aligned = ev.align_depth(gt + 1.0, gt, valid, "median")
+    assert np.abs(aligned[valid] - gt[valid]).max() > 1e-3
+
+
+def test_none_alignment_and_unknown_alignment():
+    gt, valid = _gt()
+    pred = gt * 3.0
+    np.testing.assert_array_equal(ev.align_depth(pred, gt, valid, "none"), pred)
+    with pytest.raises(ValueError, match="unknown alignment"):
+        ev.align_depth(pred, gt, valid, "affine")
+    with pytest.raises(ValueError, match="unknown alignment"):
+        ev.depth_metrics(pred, gt, valid, alignment="least_square")
+
+
+def test_empty_mask_is_a_clear_error():
+    gt, _ = _gt()
+    with pytest.raises(ValueError, match="empty valid mask"):
+        ev.depth_metrics(gt, gt, np.zeros(gt.shape, bool))
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_metrics_hand_computed_2x2():
+    gt = np.array([[1.0, 2.0], [4.0, 8.0]])
+    pred = np.array([[1.0, 2.5], [3.0, 8.0]])
+    m = ev.depth_metrics(pred, gt, np.ones((2, 2), bool), alignment="none")
+    # errors 0, 0.5, -1, 0; ratios 1, 1.25, 4/3, 1
+    assert m["abs_rel"] == pytest.approx((0 + 0.5 / 2 + 1 / 4 + 0) / 4)         # 0.125
+    assert m["delta1"] == pytest.approx(0.5)  # 1.25 itself does not pass (strict <)
+    assert m["delta2"] == pytest.approx(1.0) and m["delta3"] == pytest.approx(1.0)
+    assert m["rmse"] == pytest.approx(math.sqrt((0.25 + 1.0) / 4))              # 0.5590
+    assert m["sq_rel"] == pytest.approx((0.25 / 2 + 1.0 / 4) / 4)               # 0.09375
+    assert m["log10"] == pytest.approx((math.log10(1.25) + math.log10(4 / 3)) / 4)
+    assert set(m) == set(ev.METRIC_KEYS)
+
+
+def test_metrics_clip_to_depth_range_and_ignore_invalid():
+    gt = np.array([[1.0, 2.0], [4.0, 100.0]])
+    pred = np.array([[1.0, 2.0], [9.0, -5.0]])
+    valid = np.array([[True, True], [True, False]])
+    m = ev.depth_metrics(pred, gt, valid, alignment="none", min_depth=0.5, max_depth=5.0)
+    # 9 is clipped to 5 -> error 1 on gt 4; the invalid pixel (-5 vs 100) is ignored
+    assert m["abs_rel"] == pytest.approx(0.25 / 3)
+    assert m["rmse"] == pytest.approx(math.sqrt(1.0 / 3))
+    assert m["delta1"] == pytest.approx(2 / 3)
+
+
+def test_mean_metrics_is_per_image_not_pooled():
+    # image A: 1x2, abs_rel 0.5 ; image B: 2x2, abs_rel 0  -> mean 0.25 (pooled would be 1/6)
+    a = ev.depth_metrics(np.array([[1.5, 3.0]]), np.array([[1.0, 2.0]]),
+                         np.ones((1, 2), bool), alignment="none")
+    b = ev.depth_metrics(np.full((2, 2), 2.0), np.full((2, 2), 2.0),
+                         np.ones((2, 2), bool), alignment="none")
+    assert a["abs_rel"] == pytest.approx(0.5) and b["abs_rel"] == pytest.approx(0.0)
+    mean = ev.mean_metrics([a, b])
+    assert mean["abs_rel"] == pytest.approx(0.25)
+    assert mean["delta1"] == pytest.approx((0.0 + 1.0) / 2)
+    with pytest.raises(ValueError):
+        ev.mean_metrics([])
+
+
+# -----------------------------------------------------------------------------
+# ensembling
+
+
+def test_ensemble_median_and_spread():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(1.0, 5.0, size=(8, 9))
+    # five members, each its own affine copy of the same map; one has a corrupted patch
+    scales, shifts = [1.0, 2.0, 0.5, 3.0, 1.5], [0.0, 1.0, -0.2, 4.0, 0.3]
+    preds = np.stack([s * base + t for s, t in zip(scales, shifts)])
+    preds[3, :2, :2] += 50.0
+    median, spread = ev.ensemble_depth(preds)
+    # 4 of 5 members agree exactly in member 0's frame, so the median is member 0 itself
+    np.testing.assert_allclose(median, preds[0], atol=1e-9)
+    np.testing.assert_allclose(spread, 0.0, atol=1e-9)
+
+    # members that disagree on a bump: the spread is large there and zero elsewhere
+    bumps = np.zeros((4, 8, 9))
+    bumps[:, 3:5, 3:5] = np.array([-1.0, 0.0, 1.0, 2.0])[:, None, None]
+    mask = np.ones((8, 9), bool)
+    mask[3:5, 3:5] = False  # fit the alignments only away from the bump
+    median, spread = ev.ensemble_depth(base[None] + bumps, fit_mask=mask)
+    np.testing.assert_allclose(median[mask], base[mask], atol=1e-9)
+    np.testing.assert_allclose(spread[mask], 0.0, atol=1e-9)
+    np.testing.assert_allclose(spread[3:5, 3:5], 1.0, atol=1e-9)  # MAD of (-1, 0, 1, 2) about 0.5
+
+    # K = 1 is a no-op with zero spread
+    median, spread = ev.ensemble_depth(base[None])
+    np.testing.assert_allclose(median, base)
+    assert spread.shape == base.shape and not spread.any()
+
+
+# -----------------------------------------------------------------------------
+# baselines
+
+
+def test_mean_baseline_is_best_constant():
+    gt, valid = _gt()
+    const = ev.mean_baseline(gt)
+    aligned = ev.align_depth(const, gt, valid, "least_squares")
+    np.testing.assert_allclose(aligned, gt[valid].mean())
+    aligned = ev.align_depth(const, gt, valid, "median")
+    np.testing.assert_allclose(aligned, np.median(gt[valid]))
+    aligned = ev.align_depth(const, gt, valid, "least_squares_disparity")
+    np.testing.assert_allclose(aligned, 1.0 / np.mean(1.0 / gt[valid]))
+    m = ev.depth_metrics(const, gt, valid)
+    assert all(np.isfinite(v) for v in m.values()) and m["abs_rel"] > 0.1
+
+
+def test_scene_plane_baseline_is_the_ground_behind_the_objects():
+    res, index = 32, data.TEST_OFFSET + 3
+    gt = data.render_scene(index, res)
+    plane = ev.scene_plane_baseline(index, res)
+    assert plane.shape == (res, res) and np.all(np.isfinite(plane)) and np.all(plane > 0)
+    # pinhole camera without roll over flat ground: inverse depth is linear in the row and
+    # constant along it (checked on full rows of ground, i.e. below the horizon)
+    ground_rows = np.flatnonzero((plane < plane.max()).all(axis=1))
+    assert ground_rows.size > res // 4
+    inv = 1.0 / plane[ground_rows]
+    np.testing.assert_allclose(inv, inv[:, :1] * np.ones((1, res)), rtol=1e-5)
+    slope = np.polyfit(ground_rows, inv[:, 0], 1)
+    np.testing.assert_allclose(np.polyval(slope, ground_rows), inv[:, 0], rtol=1e-4)
+    # objects stand in front of the ground: the GT is never farther, and equal on floor pixels
+    sees_ground = plane < plane.max()
+    d, v = gt["depth"], gt["valid"] & sees_ground
+    assert np.all(d[v] <= plane[v] * (1 + 1e-5))
+    floor = v & np.isclose(d, plane, rtol=1e-5)
+    assert 0.2 < floor.mean() < v.mean()  # mostly floor, but some object occludes it
+
+
+# -----------------------------------------------------------------------------
+# CLI end to end on a tiny checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    # train.py --config tiny --stage mofo --data scenes --steps 2 in a subprocess; fails (not
+    # skips) the dependent tests if training fails
+    return train_tiny(str(tmp_path_factory.mktemp("ckpt") / "tiny"), "--stage", "mofo",
+                      "--data", "scenes", steps=2)
+
+
+def _finite(d):
+    return all(isinstance(v, float) and math.isfinite(v) for v in d.values())
+
+
+def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "2",
+                  "--out", str(out), "--device", "cpu", "--batch-size", "2"])
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["per_image.csv", "summary.json", "worst.png"]
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("model", "baselines", "n", "args", "checkpoint", "alignment", "ensemble",
+                "steps", "date"):
+        assert key in s
+    assert s["n"] == 2 and s["steps"] == 2 and s["ensemble"] == 1
+    assert set(s["model"]) == set(ev.METRIC_KEYS) and _finite(s["model"])
+    assert set(s["baselines"]) == {"mean", "plane"}
+    assert all(_finite(m) for m in s["baselines"].values())
+    lines = (out / "per_image.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and "abs_rel" in lines[0] and "plane_delta1" in lines[0]
+    printed = capsys.readouterr().out
+    assert "[2/2]" in printed and "plane baseline" in printed
+
+
+def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    rc = ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1",
+                  "--ensemble", "2", "--out", str(out), "--device", "cpu", "--batch-size", "1"])
+    assert rc == 0
+    names = sorted(os.listdir(out / "uncertainty"))
+    assert names == ["00000.npy", "00000.png", "00001.npy", "00001.png"]
+    spread = np.load(out / "uncertainty" / "00000.npy")
+    assert spread.ndim == 2 and np.all(np.isfinite(spread)) and np.all(spread >= 0)
+    assert json.loads((out / "summary.json").read_text())["ensemble"] == 2
+
+
+def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "never"
+    proc = run_cli("evaluate.py", "--ckpt", str(tmp_path / "nope"), "--data", "scenes",
+                   "--n", "2", "--out", str(out), check=False)
+    assert_user_error(proc, "nope")
+    assert list(tmp_path.iterdir()) == []  # neither the out dir nor a staging dir
+
+
+@pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
+                                   ["--data", "manifest", "--root", "/nonexistent/m.jsonl"]])
+def test_cli_user_mistakes_exit_2(tiny_ckpt, tmp_path, capsys, extra):
+    out = tmp_path / "never"
+    args = ["--ckpt", tiny_ckpt, "--data", "scenes", "--steps", "1", "--out", str(out)] + extra
+    assert ev.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,142 @@
+"""train.py: checkpoints, bit-exact resume, DDP on CPU, the t2i -> mofo recipe, bad input."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mofo
+import train
+from helpers import ENV, ROOT, TINY, assert_user_error, run_cli, train_tiny
+
+
+def weights(run_dir: str) -> dict[str, torch.Tensor]:
+    ckpt = mofo.resolve_checkpoint(run_dir)
+    out = load_file(os.path.join(ckpt, "model.safetensors"))
+    out.update({f"opt/{k}": v for k, v in load_file(os.path.join(ckpt, "optimizer.safetensors")).items()})
+    return out
+
+
+def test_checkpoint_roundtrip_and_outputs(tmp_path):
+    out = train_tiny(str(tmp_path / "run"), "--stage", "mofo", "--sparse", "lidar", steps=3)
+    ckpt = mofo.resolve_checkpoint(out)
+    assert os.path.basename(ckpt) == "ckpt_0000003"
+    for f in ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json", "train_state.json"):
+        assert os.path.isfile(os.path.join(ckpt, f)), f
+    state = json.load(open(os.path.join(ckpt, "train_state.json")))
+    assert state["step"] == 3 and state["args"]["sparse"] == "lidar"
+    tensors = load_file(os.path.join(ckpt, "model.safetensors"))
+    for ema in (True, False):
+        model, tok = mofo.load_checkpoint(out, ema=ema)
+        prefix = "ema." if ema else "raw."
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, tensors[prefix + k]), k
+    assert model.cfg.has_depth and model.cfg.vocab_size == tok.get_vocab_size()
+    assert not torch.equal(tensors["ema.final_layer.out.weight"], tensors["raw.final_layer.out.weight"])
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all("loss_depth" in m for m in metrics)
+    assert os.path.isfile(os.path.join(out, "loss.png"))
+    assert os.path.isfile(os.path.join(out, "samples", "step_0000003.png"))
+
+
+def test_resume_is_bit_exact_after_sigkill(tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint, resume it: same weights, optimizer
+    state and EMA as the same run never interrupted."""
+    args = [*TINY, "--stage", "mofo", "--steps", "8", "--save-every", "2"]
+    straight = str(tmp_path / "straight")
+    run_cli("train.py", *args, "--out", straight)
+
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", killed], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(killed, "latest")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.load(open(os.path.join(mofo.resolve_checkpoint(killed), "train_state.json")))["step"]
+    assert step < 8, "the run finished before it could be killed; the test proves nothing"
+    res = run_cli("train.py", "--resume", "--steps", "8", "--out", killed, "--num-workers", "0")
+    assert f"steps {step}->8" in res.stdout
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log has each step once
+    steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))]
+    assert steps == list(range(1, 9))
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    out = train_tiny(str(tmp_path / "run"), "--stage", "t2i", steps=2)
+    before = mofo.resolve_checkpoint(out)
+    model, tok = mofo.load_checkpoint(out)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # stands in for a kill in the middle of writing the JSON files
+
+    monkeypatch.setattr(train, "_write_json", boom)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(out, 4, model, copy.deepcopy(model), opt, tok, {"step": 4})
+    assert mofo.resolve_checkpoint(out) == before
+    mofo.load_checkpoint(out)
+
+
+def test_t2i_then_mofo_recipe(tmp_path):
+    t2i = train_tiny(str(tmp_path / "t2i"), "--stage", "t2i", steps=2)
+    m_t2i, _ = mofo.load_checkpoint(t2i)
+    assert not m_t2i.cfg.has_depth
+    out = train_tiny(str(tmp_path / "mofo"), "--stage", "mofo", "--init", t2i, steps=1)
+    m, _ = mofo.load_checkpoint(out)
+    assert m.cfg.has_depth
+    # the text tokenizer travels with the weights
+    assert open(os.path.join(mofo.resolve_checkpoint(t2i), "tokenizer.json")).read() == \
+        open(os.path.join(mofo.resolve_checkpoint(out), "tokenizer.json")).read()
+
+
+def test_torchrun_two_processes_cpu(tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *TINY, "--stage", "mofo", "--steps", "2", "--save-every", "2", "--out", out],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert proc.stdout.count("saved ") == 1  # only rank 0 writes
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = list(train.StepBatches(10, 0, 6, 4, 0, 1, seed=0))
+    assert list(train.StepBatches(10, 3, 6, 4, 0, 1, seed=0)) == full[3:]
+    # a finite dataset is walked as whole reshuffled epochs
+    flat = [i for b in full for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    ranks = [list(train.StepBatches(None, 0, 2, 2, r, 2, seed=0)) for r in (0, 1)]
+    assert ranks == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+
+
+@pytest.mark.parametrize("case", ["existing", "resume_empty", "manifest_no_path", "bad_init", "bad_steps"])
+def test_bad_input(tmp_path, case):
+    out = str(tmp_path / "run")
+    if case == "existing":
+        train_tiny(out, "--stage", "t2i", steps=1)
+        proc = run_cli("train.py", *TINY, "--steps", "2", "--out", out, check=False)
+        assert_user_error(proc, "--resume")
+    elif case == "resume_empty":
+        os.makedirs(out)
+        assert_user_error(run_cli("train.py", "--resume", "--out", out, check=False), out)
+    elif case == "manifest_no_path":
+        assert_user_error(run_cli("train.py", "--data", "manifest", "--out", out, check=False), "--data-path")
+    elif case == "bad_init":
+        assert_user_error(run_cli("train.py", *TINY, "--init", str(tmp_path / "nope"), "--out", out, check=False),
+                          "nope")
+        assert not os.path.exists(os.path.join(out, "latest"))
+    else:
+        assert_user_error(run_cli("train.py", "--steps", "0", "--out", out, check=False), "--steps")
