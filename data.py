@@ -163,6 +163,9 @@ def _atomic_write(path: str, write) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
+    umask = os.umask(0)  # mkstemp makes the file private (0600); give it the usual permissions
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1335,3 +1338,47 @@ def make_dataset(kind: str, res: int, sparse: str, density: float, path: str | N
     if kind == "manifest":
         return ManifestDataset(path, res, sparse, density)
     return ShardDataset(path, res, rank, world_size, sparse, density, start)
+
+
+# -----------------------------------------------------------------------------
+# Command line: look at the built-in data
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write one procedural scene as files: rgb.png, depth.npy (metres, 0 = sky), depth.png,
+    lidar.png (the sparse LiDAR-like mask) and caption.txt."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Export a procedural scene (RGB, exact depth, caption, LiDAR mask).")
+    p.add_argument("--scene", type=int, default=0, help="scene number within the split")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="test = held-out scenes")
+    p.add_argument("--res", type=int, default=64, help="image size in pixels")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    args = p.parse_args(argv)
+    try:
+        if args.res < 8 or args.scene < 0:
+            raise UserError("--res must be >= 8 and --scene >= 0")
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise UserError(f"output directory {args.out} exists and is not empty")
+    except UserError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    index = args.scene + (TEST_OFFSET if args.split == "test" else 0)
+    scene = render_scene(index, args.res)
+    lidar = lidar_mask(scene["valid"], _mask_rng(index))
+    os.makedirs(args.out, exist_ok=True)
+    save_png(os.path.join(args.out, "rgb.png"), scene["rgb"])
+    _atomic_write(os.path.join(args.out, "depth.npy"), lambda tmp: np.save(tmp, scene["depth"]))
+    save_png(os.path.join(args.out, "depth.png"), colorize_depth(scene["depth"], scene["valid"]))
+    save_png(os.path.join(args.out, "lidar.png"), lidar.astype(np.uint8) * 255)
+    with open(os.path.join(args.out, "caption.txt"), "w") as fh:
+        fh.write(scene["caption"] + "\n")
+    print(f"scene {index}: {scene['caption']}")
+    for name in ("rgb.png", "depth.npy", "depth.png", "lidar.png", "caption.txt"):
+        print(f"{name}: {os.path.join(args.out, name)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -169,15 +169,13 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def corpus_captions(args, n: int = 4000) -> list[str]:
-    """Captions the BPE tokenizer is trained on."""
+    """Captions the BPE tokenizer is trained on (the first n of the training data)."""
     if args.data == "scenes":
         return data.scene_captions(n)
     if args.data == "manifest":
-        ds = data.ManifestDataset(args.data_path, 8)
-        return [ds.rows[i]["caption"] for i in range(len(ds))] if hasattr(ds, "rows") else \
-            [ds[i]["caption"] for i in range(min(len(ds), n))]
-    it = iter(data.ShardDataset(args.data_path, 8, loop=False))
-    return [s["caption"] for _, s in zip(range(n), it)]
+        return [row["caption"] for row in data.ManifestDataset(args.data_path, 8).rows[:n]]
+    samples = iter(data.ShardDataset(args.data_path, 8, loop=False))
+    return [s["caption"] for _, s in zip(range(n), samples)]
 
 
 # -----------------------------------------------------------------------------

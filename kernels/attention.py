@@ -1,0 +1,638 @@
+r"""Non-causal flash attention (forward and backward) in Triton.
+
+Layout is (B, H, S, D): batch, heads, sequence, head dim. Queries may have a different length
+than keys/values (S_q vs S_k); the model uses S_q == S_k.
+
+Forward
+-------
+Per (batch, head), with scale ``c`` (default ``1/sqrt(D)``)::
+
+    S = c · Q Kᵀ                      (S_q × S_k)
+    P = softmax(S)  row-wise
+    O = P V                           (S_q × D)
+
+The S matrix is never materialised. A program owns a BLOCK_M slice of query rows and walks the
+key/value rows in BLOCK_N tiles, keeping for every row a running maximum ``m``, a running
+denominator ``l`` and an unnormalised output accumulator ``acc`` (the online softmax). We work in
+base 2: with ``c₂ = c · log2(e)``, ``exp(c·s) = 2^(c₂·s)``, so every exponential is a single
+``exp2``. For a new tile with raw scores ``s = q·kᵀ``::
+
+    m'  = max(m, c₂ · rowmax(s))
+    p   = 2^(c₂·s − m')               (≤ 1, no overflow)
+    α   = 2^(m − m')                  (rescales what was accumulated against the old max)
+    l   = α·l + rowsum(p)
+    acc = α·acc + p V
+
+After the last tile ``O = acc / l`` and we keep the base-2 log-sum-exp ``L = m + log2(l)`` per row
+(fp32), so the backward pass can rebuild ``P = 2^(c₂·s − L)`` exactly without a second max pass.
+
+Backward
+--------
+Given dO (S_q × D)::
+
+    dV  = Pᵀ dO
+    dP  = dO Vᵀ
+    dS  = P ∘ (dP − Δ),   Δ_i = Σ_j P_ij dP_ij
+    dQ  = c · dS K
+    dK  = c · dSᵀ Q
+
+The softmax Jacobian gives ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``. The row term simplifies to
+something we can get without P: ``Σ_k P_ik dP_ik = Σ_k P_ik Σ_d dO_id V_kd = Σ_d dO_id O_id``,
+so a cheap preprocess kernel computes ``Δ = rowsum(dO ∘ O)`` once.
+
+Two passes then produce the gradients without any atomics (deterministic, the default):
+
+* dK/dV pass: a program owns BLOCK_N key rows and loops over all query tiles, recomputing
+  ``Pᵀ`` from (Q, K, L) and accumulating dK and dV in fp32 registers.
+* dQ pass: a program owns BLOCK_M query rows and loops over all key tiles, recomputing P and dP
+  and accumulating dQ.
+
+This recomputes QKᵀ and dO Vᵀ twice (7 GEMM-sized products instead of 5). The alternative,
+``dq_atomic=True``, adds each tile's ``c · dS K`` into an fp32 dQ buffer with atomics inside the
+dK/dV pass (5 products, but the summation order is nondeterministic). Which one is faster on
+H100/H200 has not been measured yet (see BENCHMARKS.md).
+
+Ragged lengths
+--------------
+Any S ≥ 1 works. Only the last key tile (forward, dQ pass) or the last query tile (dK/dV pass)
+can be partial, so loops run over the full tiles without masks and a separate, masked tail step
+runs only when the length is not a multiple of the tile (the ``EVEN_*`` constexpr flags decide at
+compile time, so even lengths carry no masking cost at all). Out-of-range query rows are loaded as
+zeros and never stored.
+
+Precision: bf16/fp16/fp32 inputs, fp32 accumulation and softmax statistics, output in the input
+dtype. fp32 inputs use IEEE fp32 dots (not TF32) so fp32 results can be checked at 1e-4.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+__all__ = [
+    "flash_attention",
+    "attention_reference",
+    "attention_forward",
+    "attention_backward",
+    "FlashAttentionFunction",
+]
+
+LOG2E = 1.4426950408889634  # log2(e): converts exp(x) into exp2(x · LOG2E)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+# Test hook: when True every buffer this module allocates for the kernels to fill is pre-filled
+# with NaN, so a test fails if any element is left unwritten.
+_POISON = False
+
+# Triton picks interpreter vs. compiler when a kernel is decorated, so the config lists are fixed
+# at import time as well. Autotuning under the interpreter would run every config at ~1 ms per
+# program, so there we use a single small config with BLOCK_M != BLOCK_N (catches mixed-up
+# block sizes) and small enough that the test lengths exercise both full tiles and tails.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune spaces
+# --------------------------------------------------------------------------------------------
+def _configs(block_a: str, a_vals, block_b: str, b_vals, stages, warps, interp_a: int, interp_b: int):
+    if _INTERPRET_AT_IMPORT:
+        return [triton.Config({block_a: interp_a, block_b: interp_b}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({block_a: a, block_b: b}, num_warps=w, num_stages=s)
+        for a in a_vals for b in b_vals for s in stages for w in warps
+    ]
+
+
+def _prune(tile_a: str, tile_b: str, n_stream: int):
+    """Drop configs that cannot fit in shared memory or waste warps on small tiles.
+
+    ``tile_b`` is the streamed (pipelined) tile; ``n_stream`` how many D-wide operands of that
+    tile are loaded per step (K and V → 2). The shared-memory estimate is deliberately rough
+    (bf16 bytes, the resident tile plus num_stages − 1 streamed buffers, 228 KiB per SM on
+    H100/H200); it only saves compile time, since the autotuner also skips configs that fail to
+    compile for lack of resources.
+    """
+    def prune(configs, named_args, **kwargs):
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 128))
+        kept = []
+        for cfg in configs:
+            a, b = cfg.kwargs[tile_a], cfg.kwargs[tile_b]
+            smem = 2 * d * (a + (cfg.num_stages - 1) * n_stream * b)
+            # 8 warps only pay off once both tile sides are large (Hopper wgmma wants 64 rows per
+            # warpgroup); otherwise they just add register pressure.
+            if cfg.num_warps == 8 and (a < 128 or b < 64):
+                continue
+            if smem > 228 * 1024:
+                continue
+            kept.append(cfg)
+        return kept or configs[:1]
+    return prune
+
+
+_FWD_CONFIGS = _configs("BLOCK_M", (64, 128), "BLOCK_N", (32, 64, 128), (2, 3, 4), (4, 8), 32, 16)
+_DKDV_CONFIGS = _configs("BLOCK_N", (64, 128), "BLOCK_M", (32, 64), (2, 3), (4, 8), 32, 16)
+_DQ_CONFIGS = _configs("BLOCK_M", (64, 128), "BLOCK_N", (32, 64), (2, 3), (4, 8), 32, 16)
+_PRE_BLOCK_M = 32 if _INTERPRET_AT_IMPORT else 64
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation.
+
+    UPCAST exists only for the Triton interpreter, whose bf16 dot multiplies the raw uint16 bit
+    patterns (garbage). Upcasting first keeps bf16 paths testable on CPU; the rounding of the
+    operands to bf16 has already happened, so the result still models the GPU numerics.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, kT, v, col_ok, qk_scale,
+              MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step against a BLOCK_N tile of keys (kT: D × BLOCK_N) and values."""
+    s = _dot(q, kT, UPCAST, PREC)
+    if MASK:
+        # Padded key columns get -inf so they contribute exactly 0 after exp2. The tail tile
+        # always holds at least one real key, so the row max stays finite.
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    # Scale folded into the max and into the exponent (one FMA per score); valid because the
+    # wrapper only accepts a positive scale.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+    return acc, m_new, l_i
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["S_K"] % args["BLOCK_N"] == 0})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,  # Q/O: (B, H, S_q, D), K/V: (B, H, S_k, D) in any strides; LSE: fp32 (B*H, S_q)
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, S_Q, S_K,
+    qk_scale,  # softmax scale × log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64 base offsets: B·H·S·D can exceed 2³¹ elements at large batch.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
+
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    # K is read transposed (D × BLOCK_N) so that q @ kT needs no in-register transpose.
+    kT_ptrs = K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    no_mask = offs_n < BLOCK_N  # all-true placeholder for the unmasked steps
+
+    n_full = (S_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        kT = tl.load(kT_ptrs + start_n * stride_ks)
+        v = tl.load(v_ptrs + start_n * stride_vs)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT, v, no_mask, qk_scale, False, UPCAST, PREC)
+    if not EVEN_K:
+        col_ok = (n_full + offs_n) < S_K
+        kT = tl.load(kT_ptrs + n_full * stride_ks, mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + n_full * stride_vs, mask=col_ok[:, None], other=0.0)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT, v, col_ok, qk_scale, True, UPCAST, PREC)
+
+    # l ≥ 1 for every row (the row max contributes 2⁰), so the division is safe.
+    o = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * S_Q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,  # O, dO: (B, H, S_q, D) any strides; DELTA: fp32 (B*H, S_q)
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    H, S_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
+    o = tl.load(O + b * stride_ob + h * stride_oh
+                + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh
+                 + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * S_Q + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, row_ok, col_ok, qk_scale, sm_scale,
+                 DQ_ptrs, MASK_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one query tile's contribution into this program's dK, dV (BLOCK_N × D).
+
+    Everything is computed transposed (keys along rows) so that dV += Pᵀ dO and dK += dSᵀ Q are
+    plain products of the tiles as loaded. Padded query rows need no mask: they arrive with
+    q = dO = 0 and L = Δ = 0, so their pT is exactly 1 and every product they enter is exactly 0.
+    """
+    sT = _dot(k, tl.trans(q), UPCAST, PREC)  # (BLOCK_N, BLOCK_M) raw scores
+    pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+    if MASK_K:
+        # Only needed for atomic dQ: padded key rows (k = 0) give pT = 2^(−L), which can overflow
+        # and would leak inf·0 = NaN into dQ through the dS K product.
+        pT = tl.where(col_ok[:, None], pT, 0.0)
+    dv += _dot(pT.to(do.dtype), do, UPCAST, PREC)
+    dpT = _dot(v, tl.trans(do), UPCAST, PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += _dot(dsT.to(q.dtype), q, UPCAST, PREC)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(dsT).to(k.dtype), k, UPCAST, PREC) * sm_scale
+        tl.atomic_add(DQ_ptrs, dq, mask=row_ok[:, None])
+    return dk, dv
+
+
+@triton.heuristics({
+    "EVEN_Q": lambda args: args["S_Q"] % args["BLOCK_M"] == 0,
+    # In atomic mode a ragged S_k forces the key mask onto every step of every program (a
+    # compile-time choice, so even lengths and the default mode pay nothing).
+    "MASK_K": lambda args: bool(args["ATOMIC_DQ"]) and args["S_K"] % args["BLOCK_N"] != 0,
+})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA,  # inputs; LSE/DELTA fp32 (B*H, S_q)
+    DK, DV,                   # outputs, (B, H, S_k, D) any strides
+    DQ_ACC,                   # fp32 (B*H, S_q, D) contiguous, only touched when ATOMIC_DQ
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,      # dO
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    H, S_Q, S_K,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_Q: tl.constexpr, MASK_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_db + h * stride_dh
+    LSE += bh * S_Q
+    DELTA += bh * S_Q
+    DQ_ACC += bh * S_Q * HEAD_DIM
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < S_K
+
+    # This program's keys/values stay in registers for the whole loop. Padded key rows load as 0;
+    # whatever their dK/dV rows accumulate stays in those rows, which are never stored.
+    k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    do_ptrs = DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd
+    dq_ptrs = DQ_ACC + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    all_rows = offs_m < BLOCK_M
+
+    m_full = (S_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        q = tl.load(q_ptrs + start_m * stride_qs)
+        do = tl.load(do_ptrs + start_m * stride_ds)
+        lse = tl.load(LSE + start_m + offs_m)
+        delta = tl.load(DELTA + start_m + offs_m)
+        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, all_rows, col_ok, qk_scale,
+                              sm_scale, dq_ptrs + start_m * HEAD_DIM, MASK_K, ATOMIC_DQ,
+                              UPCAST, PREC)
+    if not EVEN_Q:
+        row_ok = (m_full + offs_m) < S_Q
+        q = tl.load(q_ptrs + m_full * stride_qs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + m_full * stride_ds, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + m_full + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + m_full + offs_m, mask=row_ok, other=0.0)
+        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, row_ok, col_ok, qk_scale,
+                              sm_scale, dq_ptrs + m_full * HEAD_DIM, MASK_K, ATOMIC_DQ,
+                              UPCAST, PREC)
+
+    dk *= sm_scale  # S = c·QKᵀ  ⇒  dK = c·dSᵀQ
+    tl.store(DK + b * stride_dkb + h * stride_dkh
+             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh
+             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_q_tile(dq, q, do, kT, vT, k, lse, delta, col_ok, qk_scale,
+                MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one key tile's contribution into this program's dQ (BLOCK_M × D, unscaled)."""
+    s = _dot(q, kT, UPCAST, PREC)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if MASK:
+        # Padded keys (k = v = 0) get p = 2^(−L). Their dS·K term is 0 while that is finite, but
+        # when every score of a row is very negative 2^(−L) overflows and inf·0 would be NaN.
+        p = tl.where(col_ok[None, :], p, 0.0)
+    dp = _dot(do, vT, UPCAST, PREC)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, UPCAST, PREC)
+    return dq
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["S_K"] % args["BLOCK_N"] == 0})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA,  # inputs; LSE/DELTA fp32 (B*H, S_q)
+    DQ,                       # output, (B, H, S_q, D) any strides
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,      # dO
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    H, S_Q, S_K,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
+
+    # Padded query rows: q = dO = 0 and L = Δ = 0 give p = 1, dS = 0, so they stay finite and are
+    # simply not stored.
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh
+                 + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * S_Q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * S_Q + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    kT_ptrs = K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
+    vT_ptrs = V + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
+    k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    no_mask = offs_n < BLOCK_N
+
+    n_full = (S_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        k = tl.load(k_ptrs + start_n * stride_ks)
+        vT = tl.load(vT_ptrs + start_n * stride_vs)
+        dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, no_mask, qk_scale,
+                         False, UPCAST, PREC)
+    if not EVEN_K:
+        col_ok = (n_full + offs_n) < S_K
+        k = tl.load(k_ptrs + n_full * stride_ks, mask=col_ok[:, None], other=0.0)
+        vT = tl.load(vT_ptrs + n_full * stride_vs, mask=col_ok[None, :], other=0.0)
+        dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, col_ok, qk_scale,
+                         True, UPCAST, PREC)
+
+    dq *= sm_scale  # S = c·QKᵀ  ⇒  dQ = c·dS K
+    tl.store(DQ + b * stride_dqb + h * stride_dqh
+             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Autotuned entry points. Heuristics sit below the autotuner so that the EVEN_* flags are
+# recomputed for whichever block sizes the config under test uses.
+_attn_fwd = triton.autotune(
+    _FWD_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 2)},
+)(_attn_fwd_kernel)
+_attn_bwd_dkdv = triton.autotune(
+    _DKDV_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM", "ATOMIC_DQ"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", 2)},
+    # Benchmark runs would otherwise keep adding into the atomic dQ buffer.
+    reset_to_zero=["DQ_ACC"],
+)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = triton.autotune(
+    _DQ_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 2)},
+)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side wrappers
+# --------------------------------------------------------------------------------------------
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> float:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected (B, H, S, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}; use bf16, fp16 or fp32")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on the same device")
+    B, H, _, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={D} not supported by the Triton kernel; use one of {SUPPORTED_HEAD_DIMS}")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError("sequence lengths must be >= 1")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not scale > 0.0:
+        raise ValueError(f"softmax scale must be positive, got {scale}")
+    return scale
+
+
+def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
+    upcast = _interpreting()
+    # fp32 I/O asks for true fp32 products; TF32 would cost ~1e-3 relative error.
+    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    return upcast, prec
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel.
+
+    Args:
+        q: (B, H, S_q, D); k, v: (B, H, S_k, D). Same dtype (bf16/fp16/fp32), any strides.
+        scale: softmax scale, default 1/sqrt(D); must be > 0.
+    Returns:
+        o: (B, H, S_q, D) contiguous, dtype of q.
+        lse: (B, H, S_q) fp32, base-2 log-sum-exp of the scaled scores
+             (natural-log LSE = lse · ln 2).
+    """
+    scale = _check_inputs(q, k, v, scale)
+    B, H, S_q, D = q.shape
+    S_k = k.shape[2]
+    o = _alloc((B, H, S_q, D), q.dtype, q.device)
+    lse = _alloc((B, H, S_q), torch.float32, q.device)
+    upcast, prec = _dot_flags(q.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
+
+    _attn_fwd[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, S_q, S_k, scale * LOG2E,
+        HEAD_DIM=D, UPCAST=upcast, PREC=prec,
+    )
+    return o, lse
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       o: torch.Tensor, lse: torch.Tensor, scale: Optional[float] = None,
+                       dq_atomic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_forward`` w.r.t. q, k, v.
+
+    Args:
+        do: (B, H, S_q, D) upstream gradient (any strides, e.g. expanded); q, k, v, o as in and
+            out of the forward; lse: (B, H, S_q) fp32 from the forward.
+        dq_atomic: accumulate dQ with fp32 atomics inside the dK/dV pass instead of running the
+            separate (deterministic) dQ pass.
+    Returns:
+        dq (B, H, S_q, D), dk, dv (B, H, S_k, D), contiguous, in the dtype of q.
+    """
+    scale = _check_inputs(q, k, v, scale)
+    B, H, S_q, D = q.shape
+    S_k = k.shape[2]
+    upcast, prec = _dot_flags(q.dtype)
+    dev = q.device
+
+    delta = _alloc((B, H, S_q), torch.float32, dev)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, _PRE_BLOCK_M), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, S_q,
+        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M,
+    )
+
+    dk = _alloc((B, H, S_k, D), q.dtype, dev)
+    dv = _alloc((B, H, S_k, D), q.dtype, dev)
+    if dq_atomic:
+        # The accumulator must start at zero (never poisoned): it is summed into, not written.
+        dq_acc = torch.zeros((B, H, S_q, D), dtype=torch.float32, device=dev)
+    else:
+        dq_acc = torch.zeros((1,), dtype=torch.float32, device=dev)  # unused placeholder
+
+    def grid_kv(meta):
+        return (triton.cdiv(S_k, meta["BLOCK_N"]), B * H)
+
+    _attn_bwd_dkdv[grid_kv](
+        q, k, v, do, lse, delta, dk, dv, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, S_q, S_k, scale * LOG2E, scale,
+        HEAD_DIM=D, ATOMIC_DQ=dq_atomic, UPCAST=upcast, PREC=prec,
+    )
+
+    if dq_atomic:
+        return dq_acc.to(q.dtype), dk, dv
+
+    dq = _alloc((B, H, S_q, D), q.dtype, dev)
+
+    def grid_q(meta):
+        return (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
+
+    _attn_bwd_dq[grid_q](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, S_q, S_k, scale * LOG2E, scale,
+        HEAD_DIM=D, UPCAST=upcast, PREC=prec,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, o and the fp32 LSE (B·H·S_q·4 bytes) for backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+                dq_atomic: bool) -> torch.Tensor:
+        o, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        ctx.dq_atomic = dq_atomic
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.scale, ctx.dq_atomic)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: Optional[float] = None, *, dq_atomic: bool = False) -> torch.Tensor:
+    """Non-causal softmax attention with the Triton kernels (differentiable).
+
+    Args:
+        q: (B, H, S_q, D); k, v: (B, H, S_k, D); bf16, fp16 or fp32, all the same dtype;
+           D in {16, 32, 64, 128}; any strides (last-dim stride 1 is the fast path).
+        scale: softmax scale, default 1/sqrt(D).
+        dq_atomic: use fp32 atomics for dQ instead of the separate deterministic pass.
+    Returns:
+        (B, H, S_q, D) tensor in the input dtype.
+    """
+    return FlashAttentionFunction.apply(q, k, v, scale, dq_atomic)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """PyTorch twin of ``flash_attention``: non-causal SDPA, (B, H, S, D) in and out."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -1,0 +1,393 @@
+"""Correctness tests for kernels/ (flash attention and RMSNorm).
+
+On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so the very same Triton kernels run
+through the Triton interpreter on CPU tensors; with a GPU present the tests also run on CUDA.
+Every check compares against a float64 PyTorch computation with the relative error
+‖out − ref‖ / ‖ref‖ (1e-4 for fp32, 2e-2 for bf16/fp16). All kernel-written buffers are pre-filled
+with NaN (the modules' ``_POISON`` hook), so an element the kernel forgets to write shows up.
+
+Interpreter notes: it costs ~1 ms per program instance, so batch·heads stay at 2 and lengths
+small. Its fp32→bf16 cast truncates instead of rounding to nearest (measured: twice the mean
+rounding error of torch's cast), so bf16 errors here run larger than on a GPU; still far inside
+2e-2.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+import kernels
+
+attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
+rms_mod = importlib.import_module("kernels.rmsnorm")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
+]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_seed(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_POISON", True)
+    monkeypatch.setattr(rms_mod, "_POISON", True)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def full_autotune():
+    """Requested by a test that wants the real CUDA autotune space (see _pin_gpu_configs)."""
+
+
+@pytest.fixture(autouse=True)
+def _pin_gpu_configs(request, monkeypatch):
+    # On a GPU every new (S, D, dtype) would autotune ~20 configs per kernel, i.e. hundreds of
+    # compilations for this file. Correctness does not depend on the tile choice, so pin one
+    # config (still BLOCK_M != BLOCK_N, still ragged for S = 17/100/129); one test keeps the full
+    # space. The interpreter already runs with a single config.
+    if INTERPRET or not torch.cuda.is_available() or "full_autotune" in request.fixturenames:
+        return
+    import triton
+    pins = {
+        attn_mod._attn_fwd: {"BLOCK_M": 64, "BLOCK_N": 32},
+        attn_mod._attn_bwd_dkdv: {"BLOCK_N": 64, "BLOCK_M": 32},
+        attn_mod._attn_bwd_dq: {"BLOCK_M": 64, "BLOCK_N": 32},
+    }
+    for kernel, blocks in pins.items():
+        monkeypatch.setattr(kernel, "configs", [triton.Config(blocks, num_warps=4, num_stages=2)])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; plain L2 error when the reference is exactly zero."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values (unwritten NaN-poisoned element?)"
+    denom = ref.norm().item()
+    err = (out - ref).norm().item()
+    return err / denom if denom > 0 else err
+
+
+# ------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------
+def attn_ref64(q, k, v, do, scale=None):
+    """fp64 attention forward, natural-log LSE and gradients."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    o = torch.softmax(s, dim=-1) @ vd
+    o.backward(do.double())
+    return o.detach(), torch.logsumexp(s, -1).detach(), qd.grad, kd.grad, vd.grad
+
+
+def rand_qkv(b, h, s_q, s_k, d, dtype, device):
+    q = torch.randn(b, h, s_q, d, device=device).to(dtype)
+    k = torch.randn(b, h, s_k, d, device=device).to(dtype)
+    v = torch.randn(b, h, s_k, d, device=device).to(dtype)
+    do = torch.randn(b, h, s_q, d, device=device).to(dtype)
+    return q, k, v, do
+
+
+def check_attention(q, k, v, do, scale=None, dq_atomic=False, tol=None):
+    o, lse = attn_mod.attention_forward(q, k, v, scale)
+    dq, dk, dv = attn_mod.attention_backward(do, q, k, v, o, lse, scale, dq_atomic)
+    o_r, lse_r, dq_r, dk_r, dv_r = attn_ref64(q, k, v, do, scale)
+    tol = TOL[q.dtype] if tol is None else tol
+    assert o.dtype == q.dtype and dq.dtype == dk.dtype == dv.dtype == q.dtype
+    assert o.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    errs = {
+        "o": rel_err(o, o_r),
+        # The kernel keeps a base-2 LSE; it is fp32 whatever the I/O dtype.
+        "lse": rel_err(lse * math.log(2.0), lse_r),
+        "dq": rel_err(dq, dq_r),
+        "dk": rel_err(dk, dk_r),
+        "dv": rel_err(dv, dv_r),
+    }
+    assert errs["lse"] <= 1e-5, errs
+    for name in ("o", "dq", "dk", "dv"):
+        assert errs[name] <= tol, errs
+    return errs
+
+
+# Full cross product of (B, H) in {(1, 2), (2, 1)}, the lengths (1: tail only; 17: a tail after
+# one tile, and a partial query tile; 64: a tile multiple, no masked code at all; 100 and 129:
+# several full tiles + tail), head dims 16/32/64 and fp32/bf16: 60 cases, ~40 s in the
+# interpreter. D=128, fp16 and S_q != S_k are covered more sparsely by the tests below.
+ATTN_CASES = [
+    (bh, s, d, dt)
+    for bh in ((1, 2), (2, 1)) for s in (1, 17, 64, 100, 129) for d in (16, 32, 64)
+    for dt in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bh,s,d,dtype", ATTN_CASES,
+                         ids=[f"B{b}H{h}-S{s}-D{d}-{str(dt)[6:]}" for (b, h), s, d, dt in ATTN_CASES])
+def test_attention_matches_fp64(device, bh, s, d, dtype):
+    q, k, v, do = rand_qkv(*bh, s, s, d, dtype, device)
+    check_attention(q, k, v, do)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s_q,s_k", [(17, 100), (100, 17), (64, 1)])
+def test_attention_different_q_kv_lengths(device, s_q, s_k):
+    # Catches S_q / S_k being mixed up anywhere (loop bounds, masks, LSE indexing).
+    q, k, v, do = rand_qkv(1, 2, s_q, s_k, 32, torch.float32, device)
+    check_attention(q, k, v, do)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s,dtype", [(100, torch.float32), (33, torch.bfloat16)])
+def test_attention_head_dim_128(device, s, dtype):
+    q, k, v, do = rand_qkv(1, 1, s, s, 128, dtype, device)
+    check_attention(q, k, v, do)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_fp16_and_custom_scale(device):
+    q, k, v, do = rand_qkv(2, 1, 40, 40, 64, torch.float16, device)
+    check_attention(q, k, v, do, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s,dtype", [(100, torch.float32), (64, torch.float32), (17, torch.bfloat16)])
+def test_attention_atomic_dq(device, s, dtype):
+    # Ragged S exercises the key mask that only the atomic path needs.
+    q, k, v, do = rand_qkv(1, 2, s, s, 32, dtype, device)
+    check_attention(q, k, v, do, dq_atomic=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_large_logits_stay_finite(device):
+    # Scaled scores with std ~64 (max ~200) overflow exp/exp2 in fp32 without the running max;
+    # the NaN/inf check in rel_err and the fp64 comparison both catch that. (Much larger logits
+    # make the fp32 gradients themselves ill-conditioned, so 8x is the useful range.)
+    q, k, v, do = rand_qkv(1, 2, 50, 50, 32, torch.float32, device)
+    check_attention(q * 8.0, k * 8.0, v, do)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dq_atomic", [False, True])
+# The interpreter (numpy) reports the overflow in the padded key rows of the dK/dV pass; those
+# rows are never stored, which is exactly what the fp64 comparison verifies.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_attention_very_negative_scores(device, dq_atomic):
+    # Every score near -140 (q = -5u, k = 5u + noise) puts the natural LSE near -140, so a padded
+    # key (k = 0, score 0) would get p = exp(140) = inf in fp32 unless the ragged tail is masked;
+    # inf · 0 then turns dQ into NaN. S = 23 is ragged for every block size in use. What this
+    # catches is the NaN (rel_err rejects non-finite output); the tolerance is looser because the
+    # shared 5u component of k cancels in dQ = c·dS K and amplifies fp32 rounding ~15x.
+    b, h, s, d = 1, 2, 23, 32
+    u = torch.randn(d, device=device)
+    q = (-5.0 * u + 0.3 * torch.randn(b, h, s, d, device=device))
+    k = (5.0 * u + 0.3 * torch.randn(b, h, s, d, device=device))
+    v = torch.randn(b, h, s, d, device=device)
+    do = torch.randn(b, h, s, d, device=device)
+    check_attention(q, k, v, do, dq_atomic=dq_atomic, tol=1e-3)
+    _, lse_r, _, _, _ = attn_ref64(q, k, v, do)
+    assert lse_r.max() < -90.0, "test setup: scores not negative enough to overflow exp"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_strided_views_and_expanded_grad(device):
+    # q, k, v as views into a packed (B, S, 3, H, D) projection: non-contiguous (B, H, S, D)
+    # strides must be honoured without copies. loss = o.sum() hands backward a stride-0 dO.
+    b, s, h, d = 2, 37, 1, 32
+    qkv = torch.randn(b, s, 3, h, d, device=device, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    kernels.attention(q, k, v).sum().backward()
+    grad = qkv.grad
+    qkv64 = qkv.detach().double().requires_grad_()
+    attn_mod.attention_reference(*qkv64.permute(2, 0, 3, 1, 4).unbind(0)).sum().backward()
+    assert rel_err(grad, qkv64.grad) <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("s,d", [(589, 128), (640, 64)])
+def test_attention_autotuned_configs_cuda(full_autotune, s, d):
+    # The production path: whatever config the autotuner picks must be correct too.
+    q, k, v, do = rand_qkv(2, 2, s, s, d, torch.bfloat16, "cuda")
+    check_attention(q, k, v, do)
+    check_attention(q, k, v, do, dq_atomic=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_autograd_and_determinism(device):
+    q, k, v, do = rand_qkv(1, 2, 45, 45, 16, torch.bfloat16, device)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attn_mod.flash_attention(*leaves)
+        out.backward(do)
+        grads.append([t.grad for t in leaves])
+    _, _, dq_r, dk_r, dv_r = attn_ref64(q, k, v, do)
+    for g, r in zip(grads[0], (dq_r, dk_r, dv_r)):
+        assert rel_err(g, r) <= TOL[torch.bfloat16]
+    # The default backward has no atomics: two runs must agree bit for bit.
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_attention_rejects_unsupported_inputs():
+    q = torch.randn(1, 1, 8, 48)
+    with pytest.raises(ValueError, match="head dim"):
+        attn_mod.attention_forward(q, q, q)
+    q8 = torch.randn(1, 1, 8, 8)  # a power of two, but below the tl.dot minimum we support
+    with pytest.raises(ValueError, match="head dim"):
+        attn_mod.attention_forward(q8, q8, q8)
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="dtype"):
+        attn_mod.attention_forward(q, q.double(), q)
+    with pytest.raises(ValueError, match="positive"):
+        attn_mod.attention_forward(q, q, q, scale=-1.0)
+    with pytest.raises(ValueError):
+        attn_mod.attention_forward(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+
+
+# ------------------------------------------------------------------------------------------
+# RMSNorm
+# ------------------------------------------------------------------------------------------
+def rms_ref64(x, w, dy, eps=1e-6):
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    rstd = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    y = xd * rstd * wd
+    y.backward(dy.double())
+    return y.detach(), rstd.detach().reshape(-1), xd.grad, wd.grad
+
+
+def check_rms_norm(x, w, eps=1e-6):
+    dy = torch.randn_like(x)
+    y, rstd = rms_mod.rms_norm_forward(x, w, eps)
+    dx, dw = rms_mod.rms_norm_backward(dy, x, w, rstd)
+    y_r, rstd_r, dx_r, dw_r = rms_ref64(x, w, dy, eps)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert dw.shape == w.shape and dw.dtype == w.dtype
+    assert rstd.dtype == torch.float32 and rstd.shape == (x.numel() // x.shape[-1],)
+    tol = TOL[x.dtype]
+    # rstd is computed from the (already rounded) inputs in fp32, whatever the I/O dtype.
+    assert rel_err(rstd, rstd_r) <= 1e-5
+    assert rel_err(y, y_r) <= tol
+    assert rel_err(dx, dx_r) <= tol
+    assert rel_err(dw, dw_r) <= tol
+
+
+# Short rows (64/100/128: many rows per program, 100 not a power of two) and wide rows
+# (1024: one row per program). Row counts 1/7/33 leave the last row block partial.
+RMS_CASES = [
+    ((1, 64), torch.float32), ((33, 64), torch.bfloat16),
+    ((7, 100), torch.float32), ((33, 100), torch.bfloat16),
+    ((7, 128), torch.bfloat16), ((33, 128), torch.float32),
+    ((1, 1024), torch.bfloat16), ((7, 1024), torch.float32), ((33, 1024), torch.bfloat16),
+    ((2, 5, 3, 64), torch.bfloat16), ((2, 9, 4, 128), torch.float32),  # (B, S, H, N) QK-norm
+    ((3, 11, 1000), torch.bfloat16),                                   # (B, S, N), ragged N
+    ((2, 4096), torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype", RMS_CASES, ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}" for s, d in RMS_CASES])
+def test_rms_norm_matches_fp64(device, shape, dtype):
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(shape[-1], device=device)).to(dtype)
+    check_rms_norm(x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [64, 1024])
+def test_rms_norm_partial_dw_loop(device, n):
+    # More row blocks than partial-dw programs, so each program loops several times and the
+    # second-stage sum has to combine the per-program rows correctly.
+    block_n, block_rows, _ = rms_mod._launch_params(n)
+    n_blocks_wanted = 3 * rms_mod._num_partials(10 ** 9, torch.device(device)) + 1
+    rows = n_blocks_wanted * block_rows - 3  # and a partial last block
+    if device == "cuda":
+        rows = min(rows, 1 << 20)
+    x = torch.randn(rows, n, device=device)
+    w = 1.0 + 0.5 * torch.randn(n, device=device)
+    n_prog = rms_mod._num_partials(-(-rows // block_rows), x.device)
+    assert -(-rows // block_rows) > n_prog
+    check_rms_norm(x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_bf16_input_fp32_weight_and_strided_rows(device):
+    # Autocast-style mix: bf16 activations, fp32 weight; rows taken from a wider buffer so the
+    # row stride differs from N.
+    big = torch.randn(13, 200, device=device).to(torch.bfloat16)
+    x = big[:, :128]
+    w = 1.0 + 0.5 * torch.randn(128, device=device)
+    assert x.stride(0) == 200
+    check_rms_norm(x, w, eps=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_autograd(device):
+    x = torch.randn(3, 5, 96, device=device, requires_grad=True)
+    w = (1.0 + 0.5 * torch.randn(96, device=device)).requires_grad_()
+    dy = torch.randn(3, 5, 96, device=device)
+    kernels.rms_norm(x, w).backward(dy)
+    _, _, dx_r, dw_r = rms_ref64(x, w, dy)
+    assert rel_err(x.grad, dx_r) <= 1e-4
+    assert rel_err(w.grad, dw_r) <= 1e-4
+
+
+def test_rms_norm_reference_twin_matches_fp64():
+    x = torch.randn(4, 7, 100).to(torch.bfloat16)
+    w = torch.randn(100)
+    y_r, _, _, _ = rms_ref64(x, w, torch.ones_like(x))
+    y = rms_mod.rms_norm_reference(x, w)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_r) <= 2e-2
+
+
+def test_rms_norm_rejects_bad_weight():
+    with pytest.raises(ValueError):
+        rms_mod.rms_norm_forward(torch.randn(4, 64), torch.randn(32))
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch in kernels/__init__.py
+# ------------------------------------------------------------------------------------------
+def test_dispatch_uses_reference_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 3, 64)
+    assert not kernels._use_triton(x)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Triton path taken")
+
+    monkeypatch.setattr(kernels, "flash_attention", boom)
+    monkeypatch.setattr(kernels, "triton_rms_norm", boom)
+    q, k, v, _ = rand_qkv(1, 2, 9, 9, 24, torch.float32, "cpu")  # D=24 fine for the reference
+    assert torch.equal(kernels.attention(q, k, v), attn_mod.attention_reference(q, k, v))
+    assert torch.equal(kernels.attention(q, k, v, scale=0.5), attn_mod.attention_reference(q, k, v, 0.5))
+    w = torch.randn(64)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5), rms_mod.rms_norm_reference(x, w, 1e-5))
+
+
+def test_dispatch_uses_triton_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 64)
+    assert kernels._use_triton(x)
+    calls = []
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append("attn"))
+    monkeypatch.setattr(kernels, "triton_rms_norm", lambda *a, **kw: calls.append("rms"))
+    kernels.attention(x[None, None], x[None, None], x[None, None])
+    kernels.rms_norm(x, torch.ones(64))
+    assert calls == ["attn", "rms"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_dispatch_uses_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels._use_triton(torch.randn(2, device="cuda"))
