@@ -66,13 +66,14 @@ dtype. fp32 inputs use IEEE fp32 dots (not TF32) so fp32 results can be checked 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ._common import alloc, interpreting
 
 __all__ = [
     "flash_attention",
@@ -85,25 +86,11 @@ __all__ = [
 LOG2E = 1.4426950408889634  # log2(e): converts exp(x) into exp2(x · LOG2E)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
-# Test hook: when True every buffer this module allocates for the kernels to fill is pre-filled
-# with NaN, so a test fails if any element is left unwritten.
-_POISON = False
-
 # Triton picks interpreter vs. compiler when a kernel is decorated, so the config lists are fixed
 # at import time as well. Autotuning under the interpreter would run every config at ~1 ms per
 # program, so there we use a single small config with BLOCK_M != BLOCK_N (catches mixed-up
 # block sizes) and small enough that the test lengths exercise both full tiles and tails.
-_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+_INTERPRET_AT_IMPORT = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,7 +488,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
 
 
 def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
-    upcast = _interpreting()
+    upcast = interpreting()
     # fp32 I/O asks for true fp32 products; TF32 would cost ~1e-3 relative error.
     prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
     return upcast, prec
@@ -522,8 +509,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = _check_inputs(q, k, v, scale)
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
-    o = _alloc((B, H, S_q, D), q.dtype, q.device)
-    lse = _alloc((B, H, S_q), torch.float32, q.device)
+    o = alloc((B, H, S_q, D), q.dtype, q.device)
+    lse = alloc((B, H, S_q), torch.float32, q.device)
     upcast, prec = _dot_flags(q.dtype)
 
     def grid(meta):
@@ -557,14 +544,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     upcast, prec = _dot_flags(q.dtype)
     dev = q.device
 
-    delta = _alloc((B, H, S_q), torch.float32, dev)
+    delta = alloc((B, H, S_q), torch.float32, dev)
     _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, _PRE_BLOCK_M), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, S_q,
         HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M,
     )
 
-    dk = _alloc((B, H, S_k, D), q.dtype, dev)
-    dv = _alloc((B, H, S_k, D), q.dtype, dev)
+    dk = alloc((B, H, S_k, D), q.dtype, dev)
+    dv = alloc((B, H, S_k, D), q.dtype, dev)
     if dq_atomic:
         # The accumulator must start at zero (never poisoned): it is summed into, not written.
         dq_acc = torch.zeros((B, H, S_q, D), dtype=torch.float32, device=dev)
@@ -584,7 +571,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if dq_atomic:
         return dq_acc.to(q.dtype), dk, dv
 
-    dq = _alloc((B, H, S_q, D), q.dtype, dev)
+    dq = alloc((B, H, S_q, D), q.dtype, dev)
 
     def grid_q(meta):
         return (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)

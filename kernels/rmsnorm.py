@@ -36,13 +36,14 @@ have a different dtype (e.g. fp32 master weights with bf16 activations) and dw c
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ._common import alloc, interpreting
 
 __all__ = [
     "triton_rms_norm",
@@ -53,19 +54,6 @@ __all__ = [
 ]
 
 MAX_N = 16384  # one tile holds a whole row; beyond this registers spill, use the reference
-
-# Test hook: pre-fill every kernel-written buffer with NaN so unwritten elements are caught.
-_POISON = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _launch_params(n: int) -> Tuple[int, int, int]:
@@ -189,8 +177,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor,
     n = x.shape[-1]
     x2 = _as_rows(x)
     m = x2.shape[0]
-    y = _alloc((m, n), x.dtype, x.device)
-    rstd = _alloc((m,), torch.float32, x.device)
+    y = alloc((m, n), x.dtype, x.device)
+    rstd = alloc((m,), torch.float32, x.device)
     if m > 0:
         block_n, block_rows, num_warps = _launch_params(n)
         _rms_norm_fwd_kernel[(triton.cdiv(m, block_rows),)](
@@ -213,10 +201,10 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     x2 = _as_rows(x)
     dy2 = _as_rows(dy)
     m = x2.shape[0]
-    dx = _alloc((m, n), x.dtype, x.device)
+    dx = alloc((m, n), x.dtype, x.device)
     block_n, block_rows, num_warps = _launch_params(n)
     n_prog = _num_partials(triton.cdiv(m, block_rows), x.device)
-    partial = _alloc((n_prog, n), torch.float32, x.device)
+    partial = alloc((n_prog, n), torch.float32, x.device)
     if m > 0:
         _rms_norm_bwd_kernel[(n_prog,)](
             x2, weight.contiguous(), dy2, rstd, dx, partial,

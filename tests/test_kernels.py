@@ -4,7 +4,7 @@ On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so the very same Trit
 through the Triton interpreter on CPU tensors; with a GPU present the tests also run on CUDA.
 Every check compares against a float64 PyTorch computation with the relative error
 ‖out − ref‖ / ‖ref‖ (1e-4 for fp32, 2e-2 for bf16/fp16). All kernel-written buffers are pre-filled
-with NaN (the modules' ``_POISON`` hook), so an element the kernel forgets to write shows up.
+with NaN (the ``kernels._common.POISON`` hook), so an element the kernel forgets to write shows up.
 
 Interpreter notes: it costs ~1 ms per program instance, so batch·heads stay at 2 and lengths
 small. Its fp32→bf16 cast truncates instead of rounding to nearest (measured: twice the mean
@@ -24,6 +24,7 @@ import kernels
 
 attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
 rms_mod = importlib.import_module("kernels.rmsnorm")
+kernels_common = importlib.import_module("kernels._common")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -36,8 +37,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def _poison_and_seed(monkeypatch):
-    monkeypatch.setattr(attn_mod, "_POISON", True)
-    monkeypatch.setattr(rms_mod, "_POISON", True)
+    monkeypatch.setattr(kernels_common, "POISON", True)
     torch.manual_seed(0)
 
 
