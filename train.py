@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start, last_log, window = time.time(), time.time(), []
     step = start
     for batch in loader:
+        if step >= args.steps:  # a shard stream is endless; the step count ends the run
+            break
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in opt.param_groups:
             group["lr"] = lr

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import mofo
 import train
 from helpers import ENV, ROOT, TINY, assert_user_error, run_cli, train_tiny
@@ -140,3 +142,35 @@ def test_bad_input(tmp_path, case):
         assert not os.path.exists(os.path.join(out, "latest"))
     else:
         assert_user_error(run_cli("train.py", "--steps", "0", "--out", out, check=False), "--steps")
+
+
+def test_train_on_a_manifest_with_mixed_rows(tmp_path):
+    """Image-only rows (t2i pre-training) and rows with depth, read from the user's files."""
+    rows = []
+    for i in range(4):
+        scene = data.render_scene(i, 40)
+        data.save_png(str(tmp_path / f"{i}.png"), scene["rgb"])
+        row = {"image": f"{i}.png", "caption": scene["caption"]}
+        if i % 2:
+            np.save(tmp_path / f"{i}.npy", scene["depth"])
+            row["depth"] = f"{i}.npy"
+        rows.append(row)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t2i = train_tiny(str(tmp_path / "t2i"), "--stage", "t2i", "--data", "manifest",
+                     "--data-path", str(tmp_path / "m.jsonl"), steps=2)
+    out = train_tiny(str(tmp_path / "mofo"), "--stage", "mofo", "--init", t2i, "--data", "manifest",
+                     "--data-path", str(tmp_path / "m.jsonl"), "--sparse", "random", steps=2)
+    assert json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))["step"] == 2
+
+
+def test_torchrun_on_tar_shards(tmp_path):
+    from test_readers import write_shards
+
+    write_shards(str(tmp_path), n_shards=3, per_shard=4)
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *TINY, "--stage", "mofo", "--data", "shards", "--data-path",
+                           str(tmp_path / "shard-*.tar"), "--steps", "3", "--save-every", "3", "--out", out],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))["step"] == 3
