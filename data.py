@@ -134,11 +134,25 @@ def _build_lut() -> np.ndarray:
 COLORMAP_LUT = _build_lut()  # (256, 3) uint8
 
 
-def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+def disparity_range(depth: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float] | None:
+    """5th and 95th percentiles of disparity 1/d over valid pixels (None if there are none)."""
+    d = np.asarray(depth, dtype=np.float64)
+    ok = np.isfinite(d) & (d > 0)
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    if not ok.any():
+        return None
+    lo, hi = np.percentile(1.0 / d[ok], [5.0, 95.0])
+    return float(lo), float(hi)
+
+
+def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None,
+                   disp_range: tuple[float, float] | None = None) -> np.ndarray:
     """Depth (H, W) -> uint8 (H, W, 3) picture: near is bright, far is dark, invalid is black.
 
     Disparity 1/d on valid pixels (d > 0, finite, and `valid` if given) is normalised between its
-    5th and 95th percentiles so a few outliers don't wash out the picture.
+    5th and 95th percentiles so a few outliers don't wash out the picture; pass `disp_range`
+    (e.g. disparity_range of a ground truth) to draw several maps on one colour scale.
     """
     d = np.asarray(depth, dtype=np.float64)
     ok = np.isfinite(d) & (d > 0)
@@ -148,7 +162,7 @@ def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.nda
     if not ok.any():
         return out
     disp = 1.0 / d[ok]
-    lo, hi = np.percentile(disp, [5.0, 95.0])
+    lo, hi = disp_range or np.percentile(disp, [5.0, 95.0])
     x = np.clip((disp - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     out[ok] = COLORMAP_LUT[np.rint(x * 255).astype(np.int64)]
     return out

@@ -303,10 +303,10 @@ def worst_row(item: dict, pred: np.ndarray, title: str, height: int = 192) -> np
     err = np.abs(pred - gt) / np.where(valid, gt, 1.0)
     err_rgb = error_colormap(err / 0.25)
     err_rgb[~valid] = 64
-    # colourise GT and prediction side by side in one call so they share one colour scale
-    both = data.colorize_depth(np.concatenate([gt, pred], axis=1),
-                               np.concatenate([valid, np.ones_like(valid)], axis=1))
-    panels = [item["rgb"], both[:, :w], both[:, w:], err_rgb]
+    # one colour scale for both, taken from the GT: a prediction's outliers must not hide the GT
+    scale = data.disparity_range(gt, valid)
+    panels = [item["rgb"], data.colorize_depth(gt, valid, scale), data.colorize_depth(pred, None, scale),
+              err_rgb]
     size = (max(1, round(w * height / h)), height)
     # nearest when enlarging keeps small (e.g. 32 px) maps crisp instead of smeared
     resample = Image.NEAREST if h < height else Image.BILINEAR
