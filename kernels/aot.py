@@ -1,0 +1,121 @@
+"""Compile every Triton kernel for a GPU architecture on a machine *without* a GPU.
+
+The interpreter tests check the kernels' arithmetic, but not that they compile: a construct the
+interpreter accepts can still fail in the compiler, or compile into slow code. Triton ships its
+own LLVM, ptxas and cuobjdump, so the whole pipeline down to a cubin runs on a CPU. For each
+kernel and launch configuration this reports what costs no GPU time to read: registers per
+thread, spilled bytes (local memory), shared memory, and whether the attention matmuls use
+Hopper's warpgroup tensor-core instructions (HGMMA in the SASS) or the older HMMA path.
+
+    python kernels/aot.py                  # sm_90 (H100/H200), one config per kernel
+    python kernels/aot.py --all --arch 90  # every autotune config that survives pruning
+
+Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Pointer arguments by name: fp32 buffers (statistics and partial sums); every other pointer bf16.
+FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "RSTD", "DW_PARTIAL"}
+POINTERS = FP32_POINTERS | {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X", "W", "Y", "DY", "DX"}
+INTS = {"H", "S_Q", "S_K", "M", "N"}
+FLOATS = {"qk_scale", "sm_scale", "eps"}
+
+
+def jit_fn(obj) -> triton.runtime.jit.JITFunction:
+    """The JITFunction under an autotuner / heuristics wrapper."""
+    while not isinstance(obj, triton.runtime.jit.JITFunction):
+        obj = obj.fn
+    return obj
+
+
+def signature(fn) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in POINTERS:
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+        elif name in INTS or name.startswith("stride"):
+            sig[name] = "i32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def resources(cubin: bytes) -> dict[str, int | bool]:
+    """Registers and local (spill) bytes from cuobjdump, and HGMMA/HMMA in the SASS."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", fh.name], capture_output=True, text=True).stdout
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    return {"regs": field("REG"), "local": field("LOCAL"), "hgmma": "HGMMA" in sass, "hmma": "HMMA" in sass}
+
+
+def compile_one(obj, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+    fn = jit_fn(obj)
+    src = ASTSource(fn, signature(fn), constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    t0 = time.time()
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return {"kernel": fn.__name__, **constexprs, "warps": num_warps, "stages": num_stages,
+            "compile_s": round(time.time() - t0, 1), "shared": kernel.metadata.shared,  # dynamic smem bytes
+            **resources(kernel.asm["cubin"])}
+
+
+def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
+    """(kernel object, constexprs, num_warps, num_stages) as the wrappers launch them on a GPU."""
+    attn = importlib.import_module("kernels.attention")
+    rms = importlib.import_module("kernels.rmsnorm")
+    common = {"UPCAST": False, "PREC": "tf32"}  # bf16 operands, as _dot_flags gives on a GPU
+    for d in head_dims:
+        for tuner, flags in ((attn._attn_fwd, {"EVEN_K": False}),
+                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": True, "ATOMIC_DQ": False}),
+                             (attn._attn_bwd_dq, {"EVEN_K": False})):
+            configs = tuner.early_config_prune(tuner.configs, {"HEAD_DIM": d}) if tuner.early_config_prune \
+                else tuner.configs
+            for cfg in configs if all_configs else configs[:1]:
+                yield tuner, {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}, cfg.num_warps, cfg.num_stages
+        yield attn._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, 4, 3
+    for n in rms_widths:
+        block_n, block_rows, warps = rms._launch_params(n)
+        for kernel in (rms._rms_norm_fwd_kernel, rms._rms_norm_bwd_kernel):
+            yield kernel, {"BLOCK_ROWS": block_rows, "BLOCK_N": block_n}, warps, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Compile the Triton kernels for a GPU target without a GPU.")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
+    p.add_argument("--all", action="store_true", help="every autotune config, not just the first")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("aot.py: unset TRITON_INTERPRET (the interpreter does not compile kernels)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(f"{'kernel':<30} {'config':<58} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} {'s':>5}")
+    for obj, const, warps, stages in cases(args.all):
+        r = compile_one(obj, const, args.arch, warps, stages)
+        shown = ",".join(f"{k}={v}" for k, v in const.items() if k not in ("UPCAST", "PREC"))
+        mma = "HGMMA" if r["hgmma"] else "HMMA" if r["hmma"] else "-"
+        print(f"{r['kernel']:<30} {shown + f',w{warps},s{stages}':<58} {r['regs']:>4} {r['local']:>5} "
+              f"{r['shared']:>6} {mma:>5} {r['compile_s']:>5}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
