@@ -15,15 +15,17 @@ DEMO_SPARSE ?= none
 
 install: $(STAMP)
 
-# torch: the CUDA build from PyPI where a driver is present, otherwise the CPU wheel (the
-# local +cpu wheel when the machine carries one, else PyTorch's CPU index).
+# torch: the CUDA build from PyPI where a driver is present (it brings its own triton), otherwise
+# the CPU wheel (the local +cpu wheel when the machine carries one, else PyTorch's CPU index) and
+# triton 3.6.0 for the interpreter tests.
 $(STAMP): requirements.txt
 	python3 -m venv .venv
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 	  .venv/bin/pip install -q torch==2.13.0; \
 	else \
-	  .venv/bin/pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
-	  .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	  { .venv/bin/pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	    .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; } && \
+	  .venv/bin/pip install -q triton==3.6.0; \
 	fi
 	.venv/bin/pip install -q -r requirements.txt
 	touch $(STAMP)
