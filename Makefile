@@ -48,6 +48,8 @@ demo: $(STAMP)
 	  --prompt "a red sphere left of a blue box on a checkered floor"
 	$(PY) data.py --scene 0 --split test --res 32 --out $(DEMO)/heldout
 	$(PY) sample.py --ckpt $(DEMO)/mofo --mode i2d --image $(DEMO)/heldout/rgb.png --steps 30 --out $(DEMO)/i2d
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode d2i --depth $(DEMO)/heldout/depth.npy --steps 30 --out $(DEMO)/d2i \
+	  --prompt "$$(cat $(DEMO)/heldout/caption.txt)"
 	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps 30 --out $(DEMO)/eval
 	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps 1 --out $(DEMO)/eval_1step
 
