@@ -330,6 +330,9 @@ def build_model(args, device, rank: int):
         return model, ema, tok, state["step"], ckpt
     if os.path.exists(latest):
         raise data.UserError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+    # Seeded before any weight is created, --init included: add_depth_stream draws fresh weights
+    # for the depth-only modules, and every run (and rank) must draw the same ones.
+    torch.manual_seed(args.seed)
     overrides = {"has_depth": args.stage == "mofo"}
     if args.res:
         overrides["res"] = args.res
@@ -344,7 +347,6 @@ def build_model(args, device, rank: int):
     else:
         tok = data.train_tokenizer(corpus_captions(args), args.vocab_size or mofo.PRESETS[args.config].vocab_size)
         overrides["vocab_size"] = tok.get_vocab_size()
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = mofo.MoFo(mofo.get_config(args.config, **overrides))
     model = model.to(device)
     return model, copy.deepcopy(model), tok, 0, None

@@ -98,6 +98,10 @@ def test_t2i_then_mofo_recipe(tmp_path):
     out = train_tiny(str(tmp_path / "mofo"), "--stage", "mofo", "--init", t2i, steps=1)
     m, _ = mofo.load_checkpoint(out)
     assert m.cfg.has_depth
+    # the fresh depth-only weights are seeded too: the same command gives the same model
+    again = train_tiny(str(tmp_path / "mofo2"), "--stage", "mofo", "--init", t2i, steps=1)
+    a, b = weights(out), weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # the text tokenizer travels with the weights
     assert open(os.path.join(mofo.resolve_checkpoint(t2i), "tokenizer.json")).read() == \
         open(os.path.join(mofo.resolve_checkpoint(out), "tokenizer.json")).read()
