@@ -574,32 +574,31 @@ def flow_loss(model: nn.Module, rgb: torch.Tensor, text: torch.Tensor, depth: to
     Both heads are x-prediction with the velocity loss ||u_hat - (eps - x0)||^2 (SPEC 3.1).
     With `teacher` (a frozen text-to-image MoFo), adds self-distillation (SPEC 3.3):
     (l_hi * t_depth + l_lo * (1 - t_depth)) * ||u_t2i - u_rgb||^2 with (l_hi, l_lo) = distill_weights.
-    Returns (loss, stats) with per-modality loss values for logging.
+    Returns (loss, stats): stats holds 0-d tensors (per-modality losses, mode fractions) for logging.
     """
     B, dev = rgb.shape[0], rgb.device
     g = generator
     has_depth = depth is not None
     # Draw every random number on the CPU in a fixed order, then move: identical on any device.
-    u_mode = torch.rand(B, generator=g)
-    t_rgb = sample_t_logit_normal(B, shift_mu, g)
-    t_dep = sample_t_plateau(B, shift_mu, g)
-    drop = torch.rand(B, generator=g) < caption_dropout
-    eps_rgb = torch.randn(rgb.shape, generator=g)
-    eps_dep = torch.randn(depth.shape, generator=g) if has_depth else None
+    u_mode = torch.rand(B, generator=g).to(dev)
+    t_rgb = sample_t_logit_normal(B, shift_mu, g).to(dev)
+    t_dep = sample_t_plateau(B, shift_mu, g).to(dev)
+    drop = (torch.rand(B, generator=g) < caption_dropout).to(dev)
+    eps_rgb = torch.randn(rgb.shape, generator=g).to(dev)
+    eps_dep = torch.randn(depth.shape, generator=g).to(dev) if has_depth else None
 
-    text = torch.where(drop.to(dev)[:, None], torch.zeros_like(text), text)
-    stats: dict[str, float] = {}
+    text = torch.where(drop[:, None], torch.zeros_like(text), text)
+    # Stats stay 0-d tensors: converting them here would stall the GPU several times a step.
+    stats: dict[str, torch.Tensor] = {}
     if has_depth:
-        has_valid = valid.flatten(1).any(1).cpu()
+        has_valid = valid.flatten(1).any(1)
         i2d = (u_mode >= p_modes[0]) & (u_mode < p_modes[0] + p_modes[1]) & has_valid
         d2i = (u_mode >= p_modes[0] + p_modes[1]) & has_valid
         t_rgb = torch.where(i2d, torch.zeros_like(t_rgb), t_rgb)
         t_dep = torch.where(d2i, torch.zeros_like(t_dep), t_dep)
         t_dep = torch.where(has_valid, t_dep, torch.ones_like(t_dep))
-        stats["frac_i2d"], stats["frac_d2i"] = i2d.float().mean().item(), d2i.float().mean().item()
-        t_dep, eps_dep = t_dep.to(dev), eps_dep.to(dev)
+        stats["frac_i2d"], stats["frac_d2i"] = i2d.float().mean(), d2i.float().mean()
         x_dep = torch.where(valid, _mix(depth, eps_dep, t_dep), eps_dep)
-    t_rgb, eps_rgb = t_rgb.to(dev), eps_rgb.to(dev)
     x_rgb = _mix(rgb, eps_rgb, t_rgb)
 
     if has_depth:
@@ -613,14 +612,14 @@ def flow_loss(model: nn.Module, rgb: torch.Tensor, text: torch.Tensor, depth: to
     on_rgb = (t_rgb > 0).float()
     loss_rgb = (per_rgb * on_rgb).sum() / on_rgb.sum().clamp(min=1)
     loss = loss_rgb
-    stats["loss_rgb"] = loss_rgb.item()
+    stats["loss_rgb"] = loss_rgb.detach()
     if has_depth:
         err = (_velocity(x_dep, dep_hat, t_dep) - (eps_dep - depth)).pow(2) * valid
         per_dep = err.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
         on_dep = ((t_dep > 0) & valid.flatten(1).any(1)).float()
         loss_dep = (per_dep * on_dep).sum() / on_dep.sum().clamp(min=1)
         loss = loss + depth_weight * loss_dep
-        stats["loss_depth"] = loss_dep.item()
+        stats["loss_depth"] = loss_dep.detach()
     if teacher is not None:
         with torch.no_grad():
             u_t2i = _velocity(x_rgb, teacher(x_rgb, t_rgb, text)[0], t_rgb)
@@ -628,8 +627,8 @@ def flow_loss(model: nn.Module, rgb: torch.Tensor, text: torch.Tensor, depth: to
         per = lam * (u_t2i - u_rgb).pow(2).mean((1, 2, 3))
         loss_dist = (per * on_rgb).sum() / on_rgb.sum().clamp(min=1)
         loss = loss + loss_dist
-        stats["loss_distill"] = loss_dist.item()
-    stats["loss"] = loss.item()
+        stats["loss_distill"] = loss_dist.detach()
+    stats["loss"] = loss.detach()
     return loss, stats
 
 

@@ -416,24 +416,28 @@ def main(argv: list[str] | None = None) -> None:
                                          distill_weights=tuple(args.distill_weights))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         # EMA with a short warm-up so early samples are not dominated by the random init.
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
 
-        if world > 1:  # average the logged numbers over ranks
-            vec = torch.tensor([stats[k] for k in sorted(stats)], device=device)
-            dist.all_reduce(vec)
-            stats = dict(zip(sorted(stats), (vec / world).tolist()))
         window.append(stats)
-        if master and (step % args.log_every == 0 or step == args.steps):
-            avg = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+        log_now = step % args.log_every == 0 or step == args.steps
+        if log_now:
+            # One host sync per log line: average the window's 0-d tensors, then over ranks.
+            keys = sorted(window[0])
+            vec = torch.stack([torch.stack([s[k].float() for k in keys]) for s in window]).mean(0)
+            if world > 1:
+                dist.all_reduce(vec)
+                vec /= world
+            avg = dict(zip(keys, vec.tolist()))
             now = time.time()
             rate = len(window) / max(now - last_log, 1e-9)
+            window, last_log = [], now
+        if master and log_now:
             eta = (args.steps - step) / rate
             parts = " ".join(f"{k[5:] or 'total'} {avg[k]:.4f}" for k in sorted(avg) if k.startswith("loss"))
             print(f"step {step:>6}/{args.steps} | loss {parts} | lr {lr:.2e} | {rate:.2f} steps/s | "
@@ -441,7 +445,6 @@ def main(argv: list[str] | None = None) -> None:
             metrics.append({"step": step, "lr": lr, "steps_per_s": rate, "time": now - t_start, **avg})
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(metrics[-1]) + "\n")
-            window, last_log = [], now
         save = step % args.save_every == 0 or step == args.steps
         if master and (save or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, tok, os.path.join(args.out, "samples", f"step_{step:07d}.png"), res,
