@@ -10,6 +10,9 @@ Dispatch: the Triton kernel runs when the input is a CUDA tensor, or when TRITON
 PyTorch reference (``kernels.attention.attention_reference``,
 ``kernels.rmsnorm.rms_norm_reference``) runs. Import the reference functions directly to force
 the PyTorch path.
+
+Under ``torch.compile`` both kernels appear as opaque custom ops (``torch.ops.mofo.*``, forward
+and backward), so the compiler neither traces into Triton launches nor breaks the graph.
 """
 from __future__ import annotations
 

@@ -18,3 +18,25 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def eager_or_op(eager, op):
+    """``op`` (a ``torch.library`` custom op) while torch.compile traces, ``eager`` otherwise.
+
+    Dynamo cannot trace into Triton launches made by the interpreter, and tracing the autotuner and
+    heuristics stack on CUDA is fragile; an opaque custom op with a fake (shape-only) twin is what
+    the compiler handles reliably. Eager calls skip the op layer, whose dispatch costs ~25 us per
+    call (2-core CPU, torch 2.13), more than a small RMSNorm takes on the GPU.
+    """
+    return op if torch.compiler.is_compiling() else eager
+
+
+def kernel_op(name: str, schema: str, impl, fake):
+    """Register ``impl`` as the custom op ``torch.ops.mofo.<name>`` with a shape-only ``fake``.
+
+    The op allocates its outputs (``mutates_args=()``), which is what lets the compiler treat
+    it as a pure function of its inputs.
+    """
+    op = torch.library.custom_op(f"mofo::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op

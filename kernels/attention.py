@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import alloc, interpreting
+from ._common import alloc, eager_or_op, interpreting, kernel_op
 
 __all__ = [
     "flash_attention",
@@ -585,13 +585,30 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq, dk, dv
 
 
+# Forward and backward as opaque ops for torch.compile (see ``eager_or_op``); the fakes give
+# the output shapes and dtypes without running anything.
+def _fwd_fake(q, k, v, scale):
+    _check_inputs(q, k, v, scale)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _bwd_fake(do, q, k, v, o, lse, scale, dq_atomic):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+_fwd_op = kernel_op("flash_attention_fwd", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+                    attention_forward, _fwd_fake)
+_bwd_op = kernel_op("flash_attention_bwd", "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+                    "float scale, bool dq_atomic) -> (Tensor, Tensor, Tensor)", attention_backward, _bwd_fake)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o and the fp32 LSE (B·H·S_q·4 bytes) for backward."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 dq_atomic: bool) -> torch.Tensor:
-        o, lse = attention_forward(q, k, v, scale)
+        o, lse = eager_or_op(attention_forward, _fwd_op)(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         ctx.dq_atomic = dq_atomic
@@ -600,7 +617,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.scale, ctx.dq_atomic)
+        dq, dk, dv = eager_or_op(attention_backward, _bwd_op)(do, q, k, v, o, lse, ctx.scale,
+                                                              ctx.dq_atomic)
         return dq, dk, dv, None, None
 
 
@@ -616,6 +634,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         (B, H, S_q, D) tensor in the input dtype.
     """
+    scale = _check_inputs(q, k, v, scale)  # errors surface here, also while compiling
     return FlashAttentionFunction.apply(q, k, v, scale, dq_atomic)
 
 

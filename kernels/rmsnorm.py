@@ -36,6 +36,7 @@ have a different dtype (e.g. fp32 master weights with bf16 activations) and dw c
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import alloc, interpreting
+from ._common import alloc, eager_or_op, interpreting, kernel_op
 
 __all__ = [
     "triton_rms_norm",
@@ -216,19 +217,36 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)
 
 
+# Forward and backward as opaque ops for torch.compile (see ``eager_or_op``); the fakes give
+# the output shapes and dtypes without running anything.
+def _fwd_fake(x, weight, eps):
+    _check(x, weight)
+    return x.new_empty(x.shape), x.new_empty((math.prod(x.shape[:-1]),), dtype=torch.float32)
+
+
+def _bwd_fake(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+_fwd_op = kernel_op("rms_norm_fwd", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+                    rms_norm_forward, _fwd_fake)
+_bwd_op = kernel_op("rms_norm_bwd", "(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+                    rms_norm_backward, _bwd_fake)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper: saves x, weight and the fp32 rstd (4 bytes per row)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = rms_norm_forward(x, weight, eps)
+        y, rstd = eager_or_op(rms_norm_forward, _fwd_op)(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
+        dx, dw = eager_or_op(rms_norm_backward, _bwd_op)(dy, x, weight, rstd)
         return dx, dw, None
 
 

@@ -356,6 +356,45 @@ def test_rms_norm_rejects_bad_weight():
 
 
 # ------------------------------------------------------------------------------------------
+# torch.compile: the kernels are opaque custom ops to the compiler
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_pass_opcheck(device):
+    """Schema, fake (shape-only) twins and real kernels agree, as torch.compile assumes."""
+    q, k, v, do = rand_qkv(1, 2, 17, 9, 32, torch.float32, device)
+    o, lse = attn_mod.attention_forward(q, k, v, 0.3)
+    torch.library.opcheck(attn_mod._fwd_op, (q, k, v, 0.3))
+    torch.library.opcheck(attn_mod._bwd_op, (do, q, k, v, o, lse, 0.3, False))
+    x = torch.randn(3, 5, 48, device=device).to(torch.bfloat16)
+    w = torch.randn(48, device=device)
+    y, rstd = rms_mod.rms_norm_forward(x, w, 1e-6)
+    torch.library.opcheck(rms_mod._fwd_op, (x, w, 1e-6))
+    torch.library.opcheck(rms_mod._bwd_op, (torch.randn_like(x), x, w, rstd))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_graph_matches_eager(device):
+    """fullgraph=True fails on any graph break, e.g. Dynamo tracing into a Triton launch."""
+    import torch._dynamo
+    q, k, v, do = rand_qkv(1, 2, 17, 17, 32, torch.float32, device)
+    w = torch.randn(32, device=device)
+
+    def f(q, k, v, w):
+        return kernels.attention(kernels.rms_norm(q, w), kernels.rms_norm(k, w), v, scale=0.2)
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(out, inputs, do)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    ref = f(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, do)
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------
 # Dispatch in kernels/__init__.py
 # ------------------------------------------------------------------------------------------
 def test_dispatch_uses_reference_on_cpu_without_interpreter(monkeypatch):

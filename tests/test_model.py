@@ -305,3 +305,29 @@ def test_kernel_path_matches_reference_end_to_end():
         mofo.set_kernels("auto")
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     assert (grads[0] - grads[1]).norm() / grads[0].norm() < 1e-4
+
+
+def test_whole_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) captures forward + backward with the kernel path on, so
+    `train.py --compile` gets one graph (the kernels are opaque custom ops inside it)."""
+    import os
+    import torch._dynamo
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    m = randomize(tiny())
+    rgb, text, z, valid = batch(B=1, res=16, L=8)
+    results = []
+    try:
+        mofo.set_kernels("triton")
+        torch._dynamo.reset()
+        for net in (m, torch.compile(m, backend="aot_eager", fullgraph=True)):
+            m.zero_grad()
+            r, d = net(rgb, torch.full((1,), 0.7), text, z, torch.full((1,), 0.4))
+            (r.square().mean() + d.square().mean()).backward()
+            results.append((torch.cat([r.flatten(), d.flatten()]),
+                            torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])))
+    finally:
+        mofo.set_kernels("auto")
+    (o_eager, g_eager), (o_comp, g_comp) = results
+    assert torch.allclose(o_eager, o_comp, rtol=1e-5, atol=1e-6)
+    assert (g_eager - g_comp).norm() / g_eager.norm() < 1e-5
