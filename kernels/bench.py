@@ -52,7 +52,11 @@ DATASHEET = {  # dense bf16 TFLOP/s, HBM TB/s (PERF.md §1)
     "H100": (989.0, 3.35),
     "H200": (989.0, 4.8),
 }
-DEVICE = "cuda"  # a module constant only so that the plumbing can be dry-run on CPU
+PASSES = ("fwd", "bwd", "fwd+bwd")
+# Module constants so that tests/test_bench.py can dry-run the plumbing on CPU at toy sizes.
+DEVICE = "cuda"
+COPY_ELEMS = 1 << 30  # bf16 elements: a 2 GiB copy, far beyond L2
+GEMM_N = 8192
 ATTN_TOL = 2e-2
 RMS_TOL = 2e-2
 EPS = 1e-6
@@ -102,19 +106,67 @@ def print_table(title: str, header: List[str], rows: List[List[str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+def error_text(e: Exception, limit: int = 160) -> str:
+    msg = str(e).splitlines()[0][:limit] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
+def add_rates(rec: dict, work: Dict[str, float], unit: str, ceiling: float, sheet: Optional[float]) -> None:
+    """rec[unit][pass] = work / time, and the same as % of the measured ceiling and the datasheet.
+
+    ``work`` is FLOPs (unit TFLOPs) or bytes (unit GBps); ceiling and sheet are in that unit.
+    """
+    scale = 1e12 if unit == "TFLOPs" else 1e9
+    rec[unit] = {p: work[p] / (ms * 1e-3) / scale for p, ms in rec["ms"].items()}
+    rec["pct_ceiling"] = {p: 100 * r / ceiling for p, r in rec[unit].items()}
+    if sheet:
+        rec["pct_datasheet"] = {p: 100 * r / sheet for p, r in rec[unit].items()}
+
+
+def add_speedups(row: dict) -> None:
+    """row["speedup_vs"][base][pass] = base ms / our ms (> 1: ours is faster); None if either is missing."""
+    ours = row["impls"]["triton"]["ms"]
+    row["speedup_vs"] = {
+        base: {p: rec["ms"][p] / ours[p] if p in ours and p in rec["ms"] else None for p in PASSES}
+        for base, rec in row["impls"].items() if base != "triton"
+    }
+
+
+def report(title: str, results: List[dict], unit: str, tol: float, baselines: Dict[str, str]) -> None:
+    """One table row per (shape, pass): ours, then each baseline's ms, then base/ours ratios."""
+    header = (["shape", "pass", "ours ms", {"TFLOPs": "TFLOP/s", "GBps": "GB/s"}[unit], "%ceil", "relerr"]
+              + [f"{label} ms" for label in baselines.values()]
+              + [f"x{label}" for label in baselines.values()])
+    rows = []
+    for r in results:
+        ours = r["impls"]["triton"]
+        for p in PASSES:
+            rows.append(
+                [",".join(map(str, r["shape"])), p, fmt(ours["ms"].get(p)), fmt(ours[unit].get(p), ".0f"),
+                 fmt(ours["pct_ceiling"].get(p), ".0f"),
+                 fmt(ours["rel_err"], ".1e") + ("" if ours["ok"] else " FAIL")]
+                + [fmt(r["impls"][b]["ms"].get(p)) for b in baselines]
+                + [fmt(r["speedup_vs"][b][p], ".2f") for b in baselines])
+    print_table(title, header, rows)
+    for r in results:
+        for name, rec in r["impls"].items():
+            if rec["error"] or rec["ok"] is False:
+                print(f"  note {r['shape']} {name}: "
+                      f"{rec['error'] or 'rel_err %.2e above %.0e' % (rec['rel_err'], tol)}")
+
+
 # ------------------------------------------------------------------------------------------
 # 1. ceilings
 # ------------------------------------------------------------------------------------------
 def run_ceilings(timer: Timer) -> Dict[str, float]:
     import torch
-    n = 1 << 30  # bf16 elements = 2 GiB
-    src = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    src = torch.randn(COPY_ELEMS, device=DEVICE, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
     copy_tbs = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
     del src, dst
 
-    m = 8192
+    m = GEMM_N
     a = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)  # random, never zeros (PERF §6)
     b = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
     gms = timer(lambda: torch.mm(a, b))
@@ -123,8 +175,8 @@ def run_ceilings(timer: Timer) -> Dict[str, float]:
     torch.cuda.empty_cache()
     res = {"copy_ms": ms, "copy_TBps": copy_tbs, "gemm_ms": gms, "gemm_TFLOPs": gemm_tflops}
     print_table("Ceilings (measured)", ["what", "ms", "rate"], [
-        ["2 GiB D2D copy (read+write)", fmt(ms), f"{copy_tbs:.2f} TB/s"],
-        ["8192^3 bf16 GEMM (random)", fmt(gms), f"{gemm_tflops:.0f} TFLOP/s"],
+        [f"{COPY_ELEMS * 2 / 2**30:g} GiB D2D copy (read+write)", fmt(ms), f"{copy_tbs:.2f} TB/s"],
+        [f"{GEMM_N}^3 bf16 GEMM (random)", fmt(gms), f"{gemm_tflops:.0f} TFLOP/s"],
     ])
     return res
 
@@ -204,47 +256,19 @@ def run_attention(timer: Timer, ceil: Dict[str, float], sheet_tflops: Optional[f
                     rec["ms"]["fwd+bwd"] = timer(lambda: fn(qg, kg, vg).backward(do), grad_to_none=[qg, kg, vg])
                     del o, qg, kg, vg
             except Exception as e:  # a backend that does not support this GPU/shape: report n/a
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            rec["TFLOPs"] = {p: flops[p] / (ms * 1e-3) / 1e12 for p, ms in rec["ms"].items()}
-            rec["pct_gemm_ceiling"] = {p: 100 * t / ceil["gemm_TFLOPs"] for p, t in rec["TFLOPs"].items()}
-            if sheet_tflops:
-                rec["pct_datasheet"] = {p: 100 * t / sheet_tflops for p, t in rec["TFLOPs"].items()}
+                rec["error"] = error_text(e)
+            add_rates(rec, flops, "TFLOPs", ceil["gemm_TFLOPs"], sheet_tflops)
             row["impls"][name] = rec
             torch.cuda.empty_cache()
-        ours = row["impls"]["triton"]["ms"]
-        row["speedup_vs"] = {  # baseline time / our time: > 1 means ours is faster
-            base: {p: (row["impls"][base]["ms"][p] / ours[p]
-                       if p in ours and p in row["impls"][base]["ms"] else None)
-                   for p in flops}
-            for base in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "triton_atomic_dq")
-        }
+        add_speedups(row)
         results.append(row)
         del q, k, v, do, ref
         torch.cuda.empty_cache()
 
-    header = ["B,H,S,D", "pass", "ours ms", "TFLOP/s", "%ceil", "relerr",
-              "flash ms", "cudnn ms", "eff ms", "xflash", "xcudnn", "xeff", "atomic-dQ ms"]
-    rows = []
-    for r in results:
-        im = r["impls"]
-        for p in ("fwd", "bwd", "fwd+bwd"):
-            rows.append([
-                ",".join(map(str, r["shape"])), p,
-                fmt(im["triton"]["ms"].get(p)), fmt(im["triton"]["TFLOPs"].get(p), ".0f"),
-                fmt(im["triton"]["pct_gemm_ceiling"].get(p), ".0f"),
-                fmt(im["triton"]["rel_err"], ".1e") + ("" if im["triton"]["ok"] else " FAIL"),
-                fmt(im["sdpa_flash"]["ms"].get(p)), fmt(im["sdpa_cudnn"]["ms"].get(p)),
-                fmt(im["sdpa_efficient"]["ms"].get(p)),
-                fmt(r["speedup_vs"]["sdpa_flash"][p], ".2f"), fmt(r["speedup_vs"]["sdpa_cudnn"][p], ".2f"),
-                fmt(r["speedup_vs"]["sdpa_efficient"][p], ".2f"),
-                fmt(im["triton_atomic_dq"]["ms"].get(p)),
-            ])
-    print_table("Attention, bf16, non-causal (x<base> = base ms / ours ms; %ceil = % of measured GEMM)",
-                header, rows)
-    for r in results:
-        for name, rec in r["impls"].items():
-            if rec["error"] or rec["ok"] is False:
-                print(f"  note {r['shape']} {name}: {rec['error'] or 'rel_err %.2e above %.0e' % (rec['rel_err'], ATTN_TOL)}")
+    report("Attention, bf16, non-causal, shape B,H,S,D (x<base> = base ms / ours ms; "
+           "%ceil = % of measured GEMM)", results, "TFLOPs", ATTN_TOL,
+           {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "eff",
+            "triton_atomic_dq": "atomic-dQ"})
     return results
 
 
@@ -315,63 +339,33 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
                     y = fn(xg, wg)
                     rec["ms"]["bwd"] = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=[xg, wg])
                 except Exception as e:  # e.g. a compiled graph refusing retain_graph
-                    rec["error"] = f"bwd: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    rec["error"] = "bwd: " + error_text(e, 120)
                 rec["ms"]["fwd+bwd"] = timer(lambda: fn(xg, wg).backward(dy), grad_to_none=[xg, wg])
                 del y, xg, wg
             except Exception as e:
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            rec["GBps"] = {p: nbytes[p] / (ms * 1e-3) / 1e9 for p, ms in rec["ms"].items()}
-            rec["pct_copy_ceiling"] = {p: 100 * g / (ceil["copy_TBps"] * 1e3) for p, g in rec["GBps"].items()}
-            if sheet_tbs:
-                rec["pct_datasheet"] = {p: 100 * g / (sheet_tbs * 1e3) for p, g in rec["GBps"].items()}
+                rec["error"] = error_text(e)
+            add_rates(rec, nbytes, "GBps", ceil["copy_TBps"] * 1e3, sheet_tbs and sheet_tbs * 1e3)
             row["impls"][name] = rec
-        ours = row["impls"]["triton"]["ms"]
-        row["speedup_vs"] = {
-            base: {p: (row["impls"][base]["ms"][p] / ours[p]
-                       if p in ours and p in row["impls"][base]["ms"] else None)
-                   for p in nbytes}
-            for base in impls if base != "triton"
-        }
+        add_speedups(row)
         results.append(row)
         del x, w, dy, ref
         torch.cuda.empty_cache()
 
-    header = ["M,N", "pass", "ours ms", "GB/s", "%copy", "relerr", "eager ms", "compile ms", "xeager", "xcompile"]
-    rows = []
-    for r in results:
-        im = r["impls"]
-        for p in ("fwd", "bwd", "fwd+bwd"):
-            rows.append([
-                ",".join(map(str, r["shape"])), p,
-                fmt(im["triton"]["ms"].get(p)), fmt(im["triton"]["GBps"].get(p), ".0f"),
-                fmt(im["triton"]["pct_copy_ceiling"].get(p), ".0f"),
-                fmt(im["triton"]["rel_err"], ".1e") + ("" if im["triton"]["ok"] else " FAIL"),
-                fmt(im["eager"]["ms"].get(p)), fmt(im["compile"]["ms"].get(p)),
-                fmt(r["speedup_vs"]["eager"][p], ".2f"), fmt(r["speedup_vs"]["compile"][p], ".2f"),
-            ])
-    print_table("RMSNorm, bf16 (x<base> = base ms / ours ms; %copy = % of measured copy bandwidth)", header, rows)
-    for r in results:
-        for name, rec in r["impls"].items():
-            if rec["error"] or rec["ok"] is False:
-                print(f"  note {r['shape']} {name}: {rec['error'] or 'rel_err %.2e above %.0e' % (rec['rel_err'], RMS_TOL)}")
+    baselines = {"eager": "eager", "compile": "compile"}
+    if max_autotune:
+        baselines["compile_max_autotune"] = "max-autotune"
+    report("RMSNorm, bf16, shape M,N (x<base> = base ms / ours ms; %ceil = % of measured copy "
+           "bandwidth)", results, "GBps", RMS_TOL, baselines)
     return results
 
 
 # ------------------------------------------------------------------------------------------
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, timer: Callable) -> dict:
+    """Every requested section, plus the metadata that makes the figures reproducible."""
     import torch
-    if not torch.cuda.is_available():
-        print("bench.py needs a CUDA GPU")
-        return 2
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench.py: unset TRITON_INTERPRET to benchmark compiled kernels")
-        return 2
-    # Run as a script (python kernels/bench.py): make the repo root importable.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import triton
 
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"{DEVICE} (plumbing dry run)"
     sheet = next((v for key, v in DATASHEET.items() if key in name), (None, None))
     meta = {
         "device": name,
@@ -389,16 +383,40 @@ def main(argv: Optional[List[str]] = None) -> int:
         "notes": "torch.compile baselines run with functorch donated_buffer=False (needed for retain_graph)",
     }
     print(f"{name} | torch {meta['torch']} (CUDA {meta['cuda']}, cuDNN {meta['cudnn']}) | Triton {meta['triton']}")
-    timer = Timer(args.warmup, args.rep)
-    out = {"meta": meta}
-    out["ceilings"] = run_ceilings(timer)
+    out = {"meta": meta, "ceilings": run_ceilings(timer)}
     if args.only in (None, "attention"):
         out["attention"] = run_attention(timer, out["ceilings"], sheet[0])
     if args.only in (None, "rmsnorm"):
         out["rmsnorm"] = run_rmsnorm(timer, out["ceilings"], sheet[1], args.compile_max_autotune)
+    return out
+
+
+def write_json(path: str, out: dict) -> None:
+    """Write through a temp file and rename, so a crash never leaves half a bench.json."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    # Fail before the long run, not after it.
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        print(f"bench.py: directory of --out {args.out} does not exist", file=sys.stderr)
+        return 2
+    import torch
+    if not torch.cuda.is_available():
+        print("bench.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench.py: unset TRITON_INTERPRET to benchmark compiled kernels", file=sys.stderr)
+        return 2
+    # Run as a script (python kernels/bench.py): make the repo root importable.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = run(args, Timer(args.warmup, args.rep))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.out, out)
         print(f"\nwrote {args.out}")
     return 0
 
