@@ -72,7 +72,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=200, help="do_bench measuring time per measurement, ms")
     p.add_argument("--compile-max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune-no-cudagraphs') for RMSNorm (slow to compile)")
+    # A full run autotunes a few hundred kernels; these split it over several shorter runs.
+    p.add_argument("--attn-shapes", type=_indices(ATTN_SHAPES), default=None,
+                   help="comma-separated indices of the attention shapes to run (default all): "
+                        + ", ".join(f"{i}={s}" for i, s in enumerate(ATTN_SHAPES)))
+    p.add_argument("--rms-shapes", type=_indices(RMS_SHAPES), default=None,
+                   help="comma-separated indices of the RMSNorm shapes to run (default all): "
+                        + ", ".join(f"{i}={s}" for i, s in enumerate(RMS_SHAPES)))
     return p.parse_args(argv)
+
+
+def _indices(table: list) -> Callable[[str], List[int]]:
+    def parse(text: str) -> List[int]:
+        try:
+            idx = [int(t) for t in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected indices like 0,2 not {text!r}") from None
+        if not idx or any(not 0 <= i < len(table) for i in idx):
+            raise argparse.ArgumentTypeError(f"indices must lie in 0..{len(table) - 1}")
+        return idx
+    return parse
+
+
+def pick(table: list, idx: Optional[List[int]]) -> list:
+    return table if idx is None else [table[i] for i in idx]
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,14 +245,15 @@ def _best_configs() -> Dict[str, str]:
     return out
 
 
-def run_attention(timer: Timer, ceil: Dict[str, float], sheet_tflops: Optional[float]) -> List[dict]:
+def run_attention(timer: Timer, ceil: Dict[str, float], sheet_tflops: Optional[float],
+                  shapes: List[tuple]) -> List[dict]:
     import contextlib
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference must be fp32
     impls = _attn_impls()
     results = []
-    for (B, H, S, D) in ATTN_SHAPES:
+    for (B, H, S, D) in shapes:
         torch.manual_seed(0)
         q, k, v, do = (torch.randn(B, H, S, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
         ref = _attn_ref_fp32(q, k, v, do)
@@ -275,7 +299,8 @@ def run_attention(timer: Timer, ceil: Dict[str, float], sheet_tflops: Optional[f
 # ------------------------------------------------------------------------------------------
 # 3. RMSNorm
 # ------------------------------------------------------------------------------------------
-def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float], max_autotune: bool) -> List[dict]:
+def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float], max_autotune: bool,
+                shapes: List[tuple]) -> List[dict]:
     import torch
     import torch.nn.functional as F
     from kernels.rmsnorm import triton_rms_norm
@@ -300,7 +325,7 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
         functorch_config.donated_buffer = False
 
     results = []
-    for (M, N) in RMS_SHAPES:
+    for (M, N) in shapes:
         # Fresh compile per shape: with dynamic=False every shape (and grad mode) is another cache
         # entry, and past the recompile limit dynamo would silently fall back to eager.
         torch._dynamo.reset()
@@ -385,9 +410,10 @@ def run(args: argparse.Namespace, timer: Callable) -> dict:
     print(f"{name} | torch {meta['torch']} (CUDA {meta['cuda']}, cuDNN {meta['cudnn']}) | Triton {meta['triton']}")
     out = {"meta": meta, "ceilings": run_ceilings(timer)}
     if args.only in (None, "attention"):
-        out["attention"] = run_attention(timer, out["ceilings"], sheet[0])
+        out["attention"] = run_attention(timer, out["ceilings"], sheet[0], pick(ATTN_SHAPES, args.attn_shapes))
     if args.only in (None, "rmsnorm"):
-        out["rmsnorm"] = run_rmsnorm(timer, out["ceilings"], sheet[1], args.compile_max_autotune)
+        out["rmsnorm"] = run_rmsnorm(timer, out["ceilings"], sheet[1], args.compile_max_autotune,
+                                     pick(RMS_SHAPES, args.rms_shapes))
     return out
 
 

@@ -63,3 +63,14 @@ def test_bench_refuses_bad_out_dir_before_running(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path / "missing" / "b.json")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shape_selection(capsys):
+    assert bench.parse_args(["--attn-shapes", "0,5", "--rms-shapes", "2"]).attn_shapes == [0, 5]
+    assert bench.pick(bench.RMS_SHAPES, [2]) == [bench.RMS_SHAPES[2]]
+    assert bench.pick(bench.ATTN_SHAPES, None) == bench.ATTN_SHAPES
+    for bad in ("9", "a", "1,,2"):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["--attn-shapes", bad])
+        assert e.value.code == 2
+    assert "--attn-shapes" in capsys.readouterr().err
