@@ -236,6 +236,24 @@ def test_attention_autograd_and_determinism(device):
         assert torch.equal(a, b)
 
 
+def test_autotune_pruning():
+    """The GPU-only pruning rule (never run by the interpreter, which has one config)."""
+    import triton
+    prune = attn_mod._prune("BLOCK_M", "BLOCK_N", 2)
+
+    def cfg(m, n, warps, stages):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+    fits = cfg(128, 64, 8, 3)        # 2·128·(128 + 2·2·64) B = 96 KiB at D = 128
+    too_big = cfg(128, 128, 4, 5)    # 2·128·(128 + 4·2·128) B = 288 KiB > 227 KiB
+    small_8_warps = cfg(64, 64, 8, 2)
+    narrow = cfg(64, 32, 4, 2)
+    assert prune([fits, too_big, small_8_warps, narrow], {}, HEAD_DIM=128) == [fits, narrow]
+    assert prune([too_big], {}, HEAD_DIM=32) == [too_big]  # 2·32·(128 + 1024) B = 72 KiB
+    # Nothing left: fall back to the first config rather than give the autotuner an empty list.
+    assert prune([small_8_warps], {}, HEAD_DIM=64) == [small_8_warps]
+
+
 def test_attention_rejects_unsupported_inputs():
     q = torch.randn(1, 1, 8, 48)
     with pytest.raises(ValueError, match="head dim"):
