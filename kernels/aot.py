@@ -4,8 +4,15 @@ The interpreter tests check the kernels' arithmetic, but not that they compile: 
 interpreter accepts can still fail in the compiler, or compile into slow code. Triton ships its
 own LLVM, ptxas and cuobjdump, so the whole pipeline down to a cubin runs on a CPU. For each
 kernel and launch configuration this reports what costs no GPU time to read: registers per
-thread, spilled bytes (local memory), shared memory, and whether the attention matmuls use
-Hopper's warpgroup tensor-core instructions (HGMMA in the SASS) or the older HMMA path.
+thread, spilled bytes (local memory), shared memory, whether the attention matmuls use Hopper's
+warpgroup tensor-core instructions (HGMMA in the SASS) or the older HMMA path, and whether global
+loads are pipelined through shared memory (cp.async) and vectorised (128-bit ld.global.v4).
+
+The arguments are specialised exactly as Triton's launcher does on a GPU, from representative
+values: 16-byte aligned pointers and integers divisible by 16 carry a divisibility hint, and an
+integer equal to 1 (the unit stride of the last dim) becomes a compile-time constant. Without
+that the compiler cannot prove contiguity and emits scalar, unpipelined loads: a different
+kernel from the one the GPU runs.
 
     python kernels/aot.py                  # sm_90 (H100/H200), one config per kernel
     python kernels/aot.py --all --arch 90  # every autotune config that survives pruning
@@ -23,15 +30,21 @@ import sys
 import tempfile
 import time
 
+import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 # Pointer arguments by name: fp32 buffers (statistics and partial sums); every other pointer bf16.
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "RSTD", "DW_PARTIAL"}
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X", "W", "Y", "DY", "DX"}
-INTS = {"H", "S_Q", "S_K", "M", "N"}
 FLOATS = {"qk_scale", "sm_scale", "eps"}
+# Representative launch: contiguous (B, H, S, D) attention tensors with a ragged S (no
+# divisibility hint on the length), and (M, N) RMSNorm rows.
+ATTN_DIMS = {"B": 2, "H": 2, "S": 589}
+RMS_ROWS = 1000
 
 
 def jit_fn(obj) -> triton.runtime.jit.JITFunction:
@@ -41,18 +54,33 @@ def jit_fn(obj) -> triton.runtime.jit.JITFunction:
     return obj
 
 
-def signature(fn) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in POINTERS:
-            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
-        elif name in INTS or name.startswith("stride"):
-            sig[name] = "i32"
+def example_value(name: str, dims: dict):
+    """The value the wrappers would pass for argument ``name`` (a tiny stand-in for pointers)."""
+    if name in POINTERS:  # only dtype and alignment matter; torch allocations are 64-byte aligned
+        return torch.empty(8, dtype=torch.float32 if name in FP32_POINTERS else torch.bfloat16)
+    if name.startswith("stride"):
+        n, s = dims.get("D", dims.get("N")), dims.get("S", 1)
+        return {"d": 1, "s": n, "h": s * n, "b": dims.get("H", 1) * s * n, "m": n}[name[-1]]
+    return {"H": dims.get("H"), "S_Q": dims.get("S"), "S_K": dims.get("S"),
+            "M": dims.get("M"), "N": dims.get("N")}[name]
+
+
+def specialize(fn, constexprs: dict, dims: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource, as the JIT launcher derives them."""
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name in FLOATS:
-            sig[name] = "fp32"
+            sig[name] = "fp32"  # floats are never specialised
         else:
-            sig[name] = "constexpr"
-    return sig
+            ty, spec = native_specialize_impl(CUDABackend, example_value(name, dims), False, True, True)
+            sig[name] = ty
+            if ty == "constexpr":
+                consts[(i,)] = spec
+            elif spec:
+                attrs[(i,)] = CUDABackend.parse_attr(spec)
+    return sig, consts, attrs
 
 
 def resources(cubin: bytes) -> dict[str, int | bool]:
@@ -67,19 +95,25 @@ def resources(cubin: bytes) -> dict[str, int | bool]:
     return {"regs": field("REG"), "local": field("LOCAL"), "hgmma": "HGMMA" in sass, "hmma": "HMMA" in sass}
 
 
-def compile_one(obj, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+def load_facts(ptx: str) -> dict[str, bool]:
+    """Pipelined (cp.async into shared memory) and 128-bit vectorised global loads, from the PTX."""
+    return {"cp_async": "cp.async." in ptx, "v4": re.search(r"ld\.global[\w.]*\.v4", ptx) is not None}
+
+
+def compile_one(obj, constexprs: dict, dims: dict, arch: int, num_warps: int, num_stages: int) -> dict:
     fn = jit_fn(obj)
-    src = ASTSource(fn, signature(fn), constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    sig, consts, attrs = specialize(fn, constexprs, dims)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     t0 = time.time()
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     return {"kernel": fn.__name__, **constexprs, "warps": num_warps, "stages": num_stages,
             "compile_s": round(time.time() - t0, 1), "shared": kernel.metadata.shared,  # dynamic smem bytes
-            **resources(kernel.asm["cubin"])}
+            **resources(kernel.asm["cubin"]), **load_facts(kernel.asm["ptx"])}
 
 
 def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
-    """(kernel object, constexprs, num_warps, num_stages) as the wrappers launch them on a GPU."""
+    """(kernel object, constexprs, dims, num_warps, num_stages) as the wrappers launch them on a GPU."""
     attn = importlib.import_module("kernels.attention")
     rms = importlib.import_module("kernels.rmsnorm")
     common = {"UPCAST": False, "PREC": "tf32"}  # bf16 operands, as _dot_flags gives on a GPU
@@ -90,12 +124,13 @@ def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
             configs = tuner.early_config_prune(tuner.configs, {"HEAD_DIM": d}) if tuner.early_config_prune \
                 else tuner.configs
             for cfg in configs if all_configs else configs[:1]:
-                yield tuner, {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}, cfg.num_warps, cfg.num_stages
-        yield attn._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, 4, 3
+                yield (tuner, {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}, {**ATTN_DIMS, "D": d},
+                       cfg.num_warps, cfg.num_stages)
+        yield attn._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, {**ATTN_DIMS, "D": d}, 4, 3
     for n in rms_widths:
         block_n, block_rows, warps = rms._launch_params(n)
         for kernel in (rms._rms_norm_fwd_kernel, rms._rms_norm_bwd_kernel):
-            yield kernel, {"BLOCK_ROWS": block_rows, "BLOCK_N": block_n}, warps, 3
+            yield kernel, {"BLOCK_ROWS": block_rows, "BLOCK_N": block_n}, {"M": RMS_ROWS, "N": n}, warps, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         print("aot.py: unset TRITON_INTERPRET (the interpreter does not compile kernels)", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(f"{'kernel':<30} {'config':<58} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} {'s':>5}")
-    for obj, const, warps, stages in cases(args.all):
-        r = compile_one(obj, const, args.arch, warps, stages)
+    print(f"{'kernel':<30} {'config':<58} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} "
+          f"{'async':>5} {'v4':>3} {'s':>5}")
+    yes = {True: "yes", False: "no"}
+    for obj, const, dims, warps, stages in cases(args.all):
+        r = compile_one(obj, const, dims, args.arch, warps, stages)
         shown = ",".join(f"{k}={v}" for k, v in const.items() if k not in ("UPCAST", "PREC"))
         mma = "HGMMA" if r["hgmma"] else "HMMA" if r["hmma"] else "-"
         print(f"{r['kernel']:<30} {shown + f',w{warps},s{stages}':<58} {r['regs']:>4} {r['local']:>5} "
-              f"{r['shared']:>6} {mma:>5} {r['compile_s']:>5}", flush=True)
+              f"{r['shared']:>6} {mma:>5} {yes[r['cp_async']]:>5} {yes[r['v4']]:>3} {r['compile_s']:>5}",
+              flush=True)
     return 0
 
 

@@ -1,8 +1,9 @@
 """The kernels compile for Hopper (sm_90) on a CPU-only machine: Triton's own LLVM + ptxas.
 
 The interpreter tests cover the arithmetic; this covers what the interpreter never sees: that
-the compiler accepts every kernel, and that the attention matmuls lower to Hopper's warpgroup
-tensor-core instructions (HGMMA), not the older HMMA path.
+the compiler accepts every kernel, that the attention matmuls lower to Hopper's warpgroup
+tensor-core instructions (HGMMA), not the older HMMA path, and that, with the arguments
+specialised as on a GPU, the loads are vectorised and the attention tiles pipelined.
 """
 import os
 import subprocess
@@ -21,10 +22,13 @@ def test_every_kernel_compiles_for_sm90():
                  "_attn_bwd_preprocess_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"):
         assert kernels.count(name) == 2, (name, proc.stdout)  # two head dims / two row widths
     for r in rows:
-        regs, mma = int(r[2]), r[5]
+        regs, mma, pipelined, vectorised = int(r[2]), r[5], r[6], r[7]
         assert 0 < regs <= 255
+        # 128-bit loads everywhere: the unit last-dim stride reached the compiler as a constant.
+        assert vectorised == "yes", r
         if r[0] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-            assert mma == "HGMMA", r
+            # K/V (or Q/dO) tiles stream through shared memory with cp.async (num_stages > 1).
+            assert mma == "HGMMA" and pipelined == "yes", r
 
 
 def test_refuses_to_run_under_the_interpreter():
