@@ -465,6 +465,10 @@ _attn_bwd_dq = triton.autotune(
 # --------------------------------------------------------------------------------------------
 # Host-side wrappers
 # --------------------------------------------------------------------------------------------
+def _resolve_scale(head_dim: int, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> float:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected (B, H, S, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -481,7 +485,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
         raise ValueError(f"head dim D={D} not supported by the Triton kernel; use one of {SUPPORTED_HEAD_DIMS}")
     if q.shape[2] < 1 or k.shape[2] < 1:
         raise ValueError("sequence lengths must be >= 1")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _resolve_scale(D, scale)
     if not scale > 0.0:
         raise ValueError(f"softmax scale must be positive, got {scale}")
     return scale
@@ -634,8 +638,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         (B, H, S_q, D) tensor in the input dtype.
     """
-    scale = _check_inputs(q, k, v, scale)  # errors surface here, also while compiling
-    return FlashAttentionFunction.apply(q, k, v, scale, dq_atomic)
+    # The op schema wants a float; the inputs are checked once, by attention_forward (eager) or
+    # by the fake forward (while compiling).
+    return FlashAttentionFunction.apply(q, k, v, _resolve_scale(q.shape[-1], scale), dq_atomic)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
