@@ -25,8 +25,9 @@ def eager_or_op(eager, op):
 
     Dynamo cannot trace into Triton launches made by the interpreter, and tracing the autotuner and
     heuristics stack on CUDA is fragile; an opaque custom op with a fake (shape-only) twin is what
-    the compiler handles reliably. Eager calls skip the op layer, whose dispatch costs ~25 us per
-    call (2-core CPU, torch 2.13), more than a small RMSNorm takes on the GPU.
+    the compiler handles reliably. Eager calls skip the op layer: a custom op with a trivial body
+    took 30 us per call against 6 us for an autograd.Function (2-core CPU, torch 2.13, 5000 calls
+    of a (4, 8) clone), more than a small RMSNorm takes on a GPU.
     """
     return op if torch.compiler.is_compiling() else eager
 
