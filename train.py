@@ -352,6 +352,41 @@ def build_model(args, device, rank: int):
     return model, copy.deepcopy(model), tok, 0, None
 
 
+# -----------------------------------------------------------------------------
+# One optimizer step
+# -----------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    """AdamW over all weights (PyTorch's default multi-tensor implementation)."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+
+
+def train_step(args, step: int, net, model, ema, opt, rgb: torch.Tensor, text: torch.Tensor,
+               depth: torch.Tensor | None, valid: torch.Tensor | None, *, rank: int = 0,
+               teacher=None) -> dict[str, torch.Tensor]:
+    """Warm-up lr, flow-matching loss, backward, clipping, AdamW, EMA; batch tensors on the device.
+
+    `net` is what runs the forward (`model` itself, or its compiled / DDP wrapper); `model` owns
+    the parameters. Returns the loss stats as 0-d tensors (no host sync here).
+    """
+    for group in opt.param_groups:
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    with mofo.autocast(rgb.device, args.dtype):
+        loss, stats = mofo.flow_loss(net, rgb, text, depth, valid, generator=step_generator(args.seed, step, rank),
+                                     caption_dropout=args.caption_dropout, teacher=teacher,
+                                     distill_weights=tuple(args.distill_weights))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    opt.step()
+    # EMA with a short warm-up so early samples are not dominated by the random init.
+    decay = min(args.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    return stats
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mofo.set_kernels(args.kernels)
@@ -373,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher.requires_grad_(False)
         if teacher.cfg.has_depth:
             raise data.UserError("--distill-from must be a text-to-image checkpoint (no depth stream)")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     if resume_dir:
         load_optimizer(resume_dir, model, opt)
     net = model
@@ -401,27 +436,14 @@ def main(argv: list[str] | None = None) -> None:
     for batch in loader:
         if step >= args.steps:  # a shard stream is endless; the step count ends the run
             break
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        for group in opt.param_groups:
-            group["lr"] = lr
         rgb = batch["rgb"].to(device)
         text = data.encode_text(tok, list(batch["caption"]), model.cfg.text_len).to(device)
         depth = valid = None
         if model.cfg.has_depth:
             valid = batch["valid"].to(device)
             depth = mofo.normalize_depth(batch["depth"].to(device), valid)
-        with mofo.autocast(device, args.dtype):
-            loss, stats = mofo.flow_loss(net, rgb, text, depth, valid, generator=step_generator(args.seed, step, rank),
-                                         caption_dropout=args.caption_dropout, teacher=teacher,
-                                         distill_weights=tuple(args.distill_weights))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        opt.step()
-        # EMA with a short warm-up so early samples are not dominated by the random init.
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        stats = train_step(args, step, net, model, ema, opt, rgb, text, depth, valid, rank=rank, teacher=teacher)
+        lr = opt.param_groups[0]["lr"]
         step += 1
 
         window.append(stats)

@@ -16,6 +16,15 @@ Protocol (docs PERF.md §7):
    y written, fp32 rstd); backward 6·M·N + 4·M + 8·P·N (x, dy read, dx written, rstd read, fp32
    dw partials written and read back, P = 2 × SM count); forward+backward the sum.
 
+4. Training step (PERF.md §7 E, not part of a default run: ``--only step``): one whole step of
+   ``train.py`` (flow-matching loss, backward, clipping, AdamW, EMA; bf16 autocast on CUDA) of a
+   model preset with the model's kernels switched between the PyTorch reference path and the
+   Triton path (``mofo.set_kernels``), optionally under ``torch.compile``. The step includes what
+   train.py does on the host (drawing t and the noise on the CPU). Before timing, each variant's
+   model outputs on one fixed input are compared with the eager reference path. Model FLOPs per step are
+   3 × the forward FLOPs counted by ``torch.utils.flop_counter`` with the math SDPA backend
+   (backward = 2 × forward, no recomputation: the MFU convention of PERF.md §5).
+
 Before timing, every implementation's outputs (and gradients) are checked against an fp32
 reference (fp64 for RMSNorm) as ‖out − ref‖ / ‖ref‖; rows above the tolerance are flagged.
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run, warmup
@@ -25,11 +34,14 @@ Usage::
 
     python kernels/bench.py --out bench.json              # everything
     python kernels/bench.py --only attention --rep 500
+    python kernels/bench.py --only step --step-compile
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import math
 import os
@@ -52,6 +64,9 @@ DATASHEET = {  # dense bf16 TFLOP/s, HBM TB/s (PERF.md §1)
     "H100": (989.0, 3.35),
     "H200": (989.0, 4.8),
 }
+STEP_CONFIGS = [  # (preset, batch, res or None = the preset's): the 256 px model, 576-token sequence
+    ("base", 32, None),
+]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # Module constants so that tests/test_bench.py can dry-run the plumbing on CPU at toy sizes.
 DEVICE = "cuda"
@@ -64,7 +79,7 @@ EPS = 1e-6
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark mofo's Triton kernels against PyTorch (needs a CUDA GPU).")
-    p.add_argument("--only", choices=["attention", "rmsnorm", "ceilings"], default=None,
+    p.add_argument("--only", choices=["attention", "rmsnorm", "step", "ceilings"], default=None,
                    help="run one section only (ceilings are always measured first, since every "
                         "percentage is relative to them)")
     p.add_argument("--out", default=None, help="write the full results as JSON to this path")
@@ -72,6 +87,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=200, help="do_bench measuring time per measurement, ms")
     p.add_argument("--compile-max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune-no-cudagraphs') for RMSNorm (slow to compile)")
+    p.add_argument("--step-compile", action="store_true",
+                   help="step section: also time both kernel paths under torch.compile (slow to compile)")
+    p.add_argument("--step-rep", type=int, default=3000,
+                   help="step section: do_bench measuring time per variant, ms (warmup: a third of it)")
     # A full run autotunes a few hundred kernels; these split it over several shorter runs.
     p.add_argument("--attn-shapes", type=_indices(ATTN_SHAPES), default=None,
                    help="comma-separated indices of the attention shapes to run (default all): "
@@ -111,9 +130,10 @@ class Timer:
     def __init__(self, warmup: int, rep: int):
         self.warmup, self.rep = warmup, rep
 
-    def __call__(self, fn: Callable[[], object], grad_to_none=None) -> float:
+    def __call__(self, fn: Callable[[], object], grad_to_none=None, warmup: Optional[int] = None,
+                 rep: Optional[int] = None) -> float:
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep,
+        return float(triton.testing.do_bench(fn, warmup=warmup or self.warmup, rep=rep or self.rep,
                                              grad_to_none=grad_to_none, return_mode="median"))
 
 
@@ -385,6 +405,151 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
 
 
 # ------------------------------------------------------------------------------------------
+# 4. whole training step
+# ------------------------------------------------------------------------------------------
+def _step_batch(cfg, batch: int, res: int, seed: int = 0) -> tuple:
+    """Random device batch of the right shapes: rgb in [-1, 1], captions, depth z, 50 % valid."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
+    text = torch.randint(1, cfg.vocab_size, (batch, cfg.text_len), generator=g)
+    depth = torch.rand(batch, res, res, generator=g) * 2
+    valid = torch.rand(batch, res, res, generator=g) < 0.5
+    return tuple(t.to(DEVICE) for t in (rgb, text, depth, valid))
+
+
+def _step_flops(model, batch: tuple) -> float:
+    """Model FLOPs of one training step: 3 × forward, forward counted on one sample × batch size."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    import mofo
+    rgb, text, depth, valid = batch
+    t = torch.full((1,), 0.5, device=DEVICE)
+    mofo.set_kernels("torch")  # the math SDPA backend is plain matmuls, which the counter sees
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(rgb[:1], t, text[:1], depth[:1], t)
+    return 3.0 * counter.get_total_flops() * rgb.shape[0]
+
+
+def _top_kernels(fn: Callable[[], object], n_steps: int = 3, top: int = 8) -> List[dict]:
+    """The `top` entries by self time over `n_steps` steps (device kernels on CUDA, ops on CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = DEVICE == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n_steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / n_steps,
+             "pct": 100 * getattr(e, key) / total} for e in events[:top]]
+
+
+def run_step(timer: Callable, ceil: Dict[str, float], sheet_tflops: Optional[float], compile_too: bool,
+             configs: List[tuple]) -> List[dict]:
+    import copy
+    import torch
+    import mofo
+    import train
+
+    variants = [("torch", False), ("triton", False)]  # the eager reference path first: outputs compare to it
+    if compile_too:
+        variants += [("torch", True), ("triton", True)]
+    results, kernels_before = [], mofo.KERNELS
+    for preset, batch, res in configs:
+        torch.manual_seed(0)
+        cfg = mofo.get_config(preset, **({"res": res} if res else {}))
+        model = mofo.MoFo(cfg).to(DEVICE)
+        with torch.no_grad():
+            # adaLN-Zero leaves gates, modulations and heads at exactly 0: a freshly made model's
+            # output ignores attention (the output check below would pass vacuously) and GEMMs on
+            # zeros run faster than on trained weights (PERF.md §6). Give them small random values.
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(std=0.02)
+        init = copy.deepcopy(model.state_dict())
+        t_mid, reference = torch.full((batch,), 0.5, device=DEVICE), None
+        args = train.parse_args(["--config", preset, "--out", "unused", "--batch-size", str(batch)])
+        data = _step_batch(cfg, batch, cfg.res)
+        tokens = cfg.text_len + 2 * (cfg.res // cfg.patch) ** 2
+        flops = _step_flops(model, data)
+        row = {"config": preset, "batch": batch, "res": cfg.res, "seq": tokens, "head_dim": cfg.head_dim,
+               "params_M": model.num_params() / 1e6, "step_flops": flops, "variants": []}
+        for kernels, compiled in variants:
+            rec = {"kernels": kernels, "compile": compiled, "ms": None, "out_rel_err": None, "error": None,
+                   "peak_GB": None, "top": []}
+            try:
+                mofo.set_kernels(kernels)
+                model.load_state_dict(init)  # every variant starts from the same weights and batch
+                ema = copy.deepcopy(model).requires_grad_(False)
+                opt = train.make_optimizer(model, args)
+                net = torch.compile(model) if compiled else model
+                steps = itertools.count()
+
+                def step() -> dict:
+                    return train.train_step(args, next(steps), net, model, ema, opt, *data)
+
+                with torch.no_grad(), mofo.autocast(torch.device(DEVICE), args.dtype):
+                    outs = net(data[0], t_mid, data[1], data[2], t_mid)
+                if (kernels, compiled) == ("torch", False):
+                    reference = outs
+                if reference is not None:
+                    rec["out_rel_err"] = max(rel_err(o, r) for o, r in zip(outs, reference))
+                del outs
+                for _ in range(2):  # compilation and kernel autotuning stay out of the timing
+                    step()
+                if DEVICE == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                rec["ms"] = timer(step)
+                if DEVICE == "cuda":
+                    rec["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
+                rec["top"] = _top_kernels(step)
+                del ema, opt, net
+            except Exception as e:
+                rec["error"] = error_text(e)
+            if rec["ms"]:
+                rec["img_per_s"] = batch / (rec["ms"] * 1e-3)
+                rec["TFLOPs"] = flops / (rec["ms"] * 1e-3) / 1e12
+                rec["pct_ceiling"] = 100 * rec["TFLOPs"] / ceil["gemm_TFLOPs"]
+                rec["mfu_pct"] = 100 * rec["TFLOPs"] / sheet_tflops if sheet_tflops else None
+            row["variants"].append(rec)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        base = {v["compile"]: v for v in row["variants"] if v["kernels"] == "torch"}
+        for v in row["variants"]:
+            ref = base[v["compile"]]
+            v["speedup_vs_torch"] = ref["ms"] / v["ms"] if ref["ms"] and v["ms"] else None
+        results.append(row)
+        del model, init
+    mofo.set_kernels(kernels_before)
+
+    header = ["config", "batch", "seq", "kernels", "compile", "step ms", "img/s", "TFLOP/s", "MFU%",
+              "%gemm", "peak GB", "x torch", "out err"]
+    rows = [[r["config"], str(r["batch"]), str(r["seq"]), v["kernels"], "yes" if v["compile"] else "no",
+             fmt(v["ms"], ".1f"), fmt(v.get("img_per_s"), ".1f"), fmt(v.get("TFLOPs"), ".0f"),
+             fmt(v.get("mfu_pct"), ".1f"), fmt(v.get("pct_ceiling"), ".1f"), fmt(v["peak_GB"], ".1f"),
+             fmt(v["speedup_vs_torch"], ".2f"), fmt(v["out_rel_err"], ".1e")]
+            for r in results for v in r["variants"]]
+    print_table("Training step (x torch = reference-path ms / this ms at the same compile setting; "
+                "MFU% of the datasheet, %gemm of the measured GEMM ceiling; out err = model outputs "
+                "vs the eager reference path)", header, rows)
+    for r in results:
+        for v in r["variants"]:
+            if v["error"]:
+                print(f"  note {r['config']} {v['kernels']} compile={v['compile']}: {v['error']}")
+            for k in v["top"][:5]:
+                print(f"    {r['config']} {v['kernels']}{' compiled' if v['compile'] else ''}: "
+                      f"{k['ms_per_step']:8.3f} ms {k['pct']:5.1f}%  {k['name']}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, timer: Callable) -> dict:
     """Every requested section, plus the metadata that makes the figures reproducible."""
     import torch
@@ -414,6 +579,9 @@ def run(args: argparse.Namespace, timer: Callable) -> dict:
     if args.only in (None, "rmsnorm"):
         out["rmsnorm"] = run_rmsnorm(timer, out["ceilings"], sheet[1], args.compile_max_autotune,
                                      pick(RMS_SHAPES, args.rms_shapes))
+    if args.only == "step":
+        step_timer = functools.partial(timer, warmup=args.step_rep // 3, rep=args.step_rep)
+        out["step"] = run_step(step_timer, out["ceilings"], sheet[0], args.step_compile, STEP_CONFIGS)
     return out
 
 

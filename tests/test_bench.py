@@ -15,7 +15,7 @@ import pytest
 bench = importlib.import_module("kernels.bench")
 
 
-def wall_timer(fn, grad_to_none=None) -> float:
+def wall_timer(fn, grad_to_none=None, **_) -> float:
     """Milliseconds of one call after one warm-up call (stands in for do_bench)."""
     fn()
     for t in grad_to_none or ():
@@ -74,3 +74,29 @@ def test_shape_selection(capsys):
             bench.parse_args(["--attn-shapes", bad])
         assert e.value.code == 2
     assert "--attn-shapes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
+def test_step_section_dry_run(monkeypatch, capsys):
+    """Both kernel paths train the same tiny model from the same weights: step-0 losses agree."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
+    monkeypatch.setattr(bench, "GEMM_N", 64)
+    monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, 16)])
+    out = bench.run(bench.parse_args(["--only", "step"]), wall_timer)
+    printed = capsys.readouterr().out
+
+    assert set(out) == {"meta", "ceilings", "step"}
+    (row,) = out["step"]
+    # tiny at 16 px, patch 4: 24 text + 2 x 16 image/depth tokens; width 96, 3 layers of each kind
+    assert row["seq"] == 24 + 2 * 16 and row["head_dim"] == 32
+    assert row["step_flops"] > 0
+    assert [(v["kernels"], v["compile"]) for v in row["variants"]] == [("torch", False), ("triton", False)]
+    for v in row["variants"]:
+        assert v["error"] is None and v["ms"] > 0 and v["top"], v
+    torch_path, triton = row["variants"]
+    assert torch_path["out_rel_err"] == 0
+    # fp32 on CPU: the kernel path gives the reference's outputs, not bit-equal ones (it ran).
+    assert 0 < triton["out_rel_err"] < 1e-5
+    assert math.isfinite(triton["speedup_vs_torch"])
+    assert "Training step" in printed
