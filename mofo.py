@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kernels import attention as attention_triton
 from kernels import rms_norm as rms_norm_triton
-from kernels.attention import attention_reference
+from kernels.attention import SUPPORTED_HEAD_DIMS, attention_reference
 from kernels.rmsnorm import rms_norm_reference
 
 # -----------------------------------------------------------------------------
@@ -52,7 +52,7 @@ class Config:
     res: int = 32  # default (square) image size in pixels; any multiple of `patch` works
     patch: int = 4  # pixel patch size p: RGB token = p*p*3 values, depth token = p*p values
     width: int = 128  # hidden size H
-    heads: int = 4  # head_dim = width / heads, must be divisible by 8 (4 RoPE axes of pairs)
+    heads: int = 4  # head_dim = width / heads: 16, 32, 64 or 128
     n_double: int = 1  # triple-stream blocks (own weights per stream, joint attention)
     n_single: int = 1  # shared single-stream blocks over [txt, img, depth]
     n_decoder: int = 1  # depth-only single-stream blocks before the depth head
@@ -71,8 +71,10 @@ class Config:
         return int(self.width * self.mlp_ratio)
 
     def validate(self) -> "Config":
-        if self.width % self.heads or self.head_dim % 8:
-            raise ValueError(f"width {self.width} / heads {self.heads} must give a head_dim divisible by 8")
+        # The attention kernel takes these head dims; all are multiples of 8 (4 RoPE axes of pairs).
+        if self.width % self.heads or self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"width {self.width} / heads {self.heads} must give a head_dim in "
+                             f"{SUPPORTED_HEAD_DIMS}, not {self.width / self.heads:g}")
         if self.res % self.patch:
             raise ValueError(f"res {self.res} must be a multiple of patch {self.patch}")
         return self
@@ -110,16 +112,28 @@ def get_config(name: str, **overrides) -> Config:
 # tensors and the PyTorch reference elsewhere; "triton" forces the kernels (on CPU that needs
 # TRITON_INTERPRET=1); "torch" forces the reference, so both paths can be compared end to end.
 KERNELS = "auto"
+NO_TRITON_HERE = "the Triton kernels need a CUDA device or TRITON_INTERPRET=1 (Triton's CPU interpreter)"
 
 
-def set_kernels(mode: str) -> None:
+def set_kernels(mode: str, device: torch.device | None = None) -> None:
+    """Pick the implementation; with `device`, refuse "triton" where it could not run."""
     global KERNELS
     if mode not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be auto, triton or torch, not {mode!r}")
+    if mode == "triton" and device is not None and not _triton_runs_on(device):
+        raise ValueError(NO_TRITON_HERE)
     KERNELS = mode
 
 
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _use_triton(x: torch.Tensor) -> bool:
+    if KERNELS == "triton" and not _triton_runs_on(x.device):
+        # kernels.* would quietly run the reference, and a comparison of the two paths would
+        # compare the reference with itself.
+        raise RuntimeError(NO_TRITON_HERE)
     return KERNELS == "triton" or (KERNELS == "auto" and x.is_cuda)
 
 

@@ -140,8 +140,11 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     out = args.out or default_out(args.prompt, args.mode)
     if os.path.exists(out) and os.listdir(out):
         raise data.UserError(f"output directory {out} exists and is not empty; choose another --out")
-    mofo.set_kernels(args.kernels)
     device = mofo.pick_device(args.device)
+    try:
+        mofo.set_kernels(args.kernels, device)
+    except ValueError as e:
+        raise data.UserError(f"--kernels {args.kernels}: {e}") from None
     ckpt = mofo.resolve_checkpoint(args.ckpt)
     model, tok = mofo.load_checkpoint(ckpt, device)
     res = args.res or model.cfg.res

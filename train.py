@@ -389,8 +389,11 @@ def train_step(args, step: int, net, model, ema, opt, rgb: torch.Tensor, text: t
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    mofo.set_kernels(args.kernels)
     rank, world, device = setup_distributed(args.device)
+    try:
+        mofo.set_kernels(args.kernels, device)
+    except ValueError as e:
+        raise data.UserError(f"--kernels {args.kernels}: {e}") from None
     master = rank == 0
     if args.batch_size % world:
         raise data.UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes")

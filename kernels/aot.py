@@ -118,8 +118,11 @@ def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
     rms = importlib.import_module("kernels.rmsnorm")
     common = {"UPCAST": False, "PREC": "tf32"}  # bf16 operands, as _dot_flags gives on a GPU
     for d in head_dims:
+        # Flags as the heuristics set them for the ragged S of ATTN_DIMS; the atomic-dQ variant of
+        # the dK/dV kernel is a different kernel (it also masks keys and adds into dQ).
         for tuner, flags in ((attn._attn_fwd, {"EVEN_K": False}),
-                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": True, "ATOMIC_DQ": False}),
+                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": False, "ATOMIC_DQ": False}),
+                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": True, "ATOMIC_DQ": True}),
                              (attn._attn_bwd_dq, {"EVEN_K": False})):
             configs = tuner.early_config_prune(tuner.configs, {"HEAD_DIM": d}) if tuner.early_config_prune \
                 else tuner.configs

@@ -111,7 +111,8 @@ def _prune(tile_a: str, tile_b: str, n_resident: int):
     ``tile_a`` is the program's own tile, ``n_resident`` how many D-wide operands of it stay in
     shared memory (Q → 1; K, V or Q, dO → 2); ``tile_b`` is the streamed tile, two operands per
     step, with ``num_stages`` buffers each. The estimate (bf16 bytes) matches the allocation
-    Triton 3.6 reports for every config to within 1 KiB (`kernels/aot.py --all`); configs above
+    Triton 3.6 reports for every config of the default path to within 1 KiB (`kernels/aot.py
+    --all`; the atomic-dQ variant takes 12-40 KiB more, all its configs still fit); configs above
     the 227 KiB a block may opt into on H100/H200 would only fail at launch.
     """
     def prune(configs, named_args, **kwargs):
@@ -466,7 +467,9 @@ _attn_bwd_dq = triton.autotune(
 # Host-side wrappers
 # --------------------------------------------------------------------------------------------
 def _resolve_scale(head_dim: int, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else math.nan  # D < 1: _check_inputs refuses it
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> float:
@@ -639,7 +642,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         (B, H, S_q, D) tensor in the input dtype.
     """
     # The op schema wants a float; the inputs are checked once, by attention_forward (eager) or
-    # by the fake forward (while compiling).
+    # by the fake forward (while compiling). Reading D needs a tensor of the right rank first.
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise ValueError("q, k, v must be (B, H, S, D) tensors")
     return FlashAttentionFunction.apply(q, k, v, _resolve_scale(q.shape[-1], scale), dq_atomic)
 
 

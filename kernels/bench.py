@@ -55,6 +55,7 @@ ATTN_SHAPES = [  # (B, H, S, D): 256px and 512px DiT joint sequences, plus a pub
     (16, 16, 2176, 64),
     (16, 16, 2176, 128),
     (4, 16, 4096, 128),
+    (16, 24, 2176, 128),  # the xl preset's 24 heads of 128 at 512 px (PERF.md §7 "FLUX width")
 ]
 RMS_SHAPES = [  # (M, N): main-stream norm rows, then QK-norm rows (B·S·H, head dim)
     (32768, 1024), (32768, 2048), (32768, 3072),

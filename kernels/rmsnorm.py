@@ -19,15 +19,15 @@ and the weight gradient sums over all rows::
 
 dw is a column reduction over M rows. Instead of atomics (nondeterministic) or one partial row per
 program (M·N·4 extra bytes for tall inputs), the backward kernel launches a bounded number P of
-programs (≈ 2 × SM count on CUDA, 4 under the interpreter). Each program walks row blocks
-``pid, pid + P, pid + 2P, …``, writes dx for them and keeps its share of dw in fp32 registers; at
-the end it writes one fp32 partial row. A second stage sums the P × N partials (``torch.sum``,
-cheap because P is small).
+programs (≈ 2 × SM count on CUDA, 4 for CPU tensors under the interpreter). Each program walks
+row blocks ``pid, pid + P, pid + 2P, …``, writes dx for them and keeps its share of dw in fp32
+registers; at the end it writes one fp32 partial row. A second stage sums the P × N partials
+(``torch.sum``, cheap because P is small).
 
 Tiling: every program holds a BLOCK_ROWS × BLOCK_N tile, BLOCK_N = next_pow2(N) (columns masked
-beyond N). Wide rows (N ≥ 1024) use one row per program; short rows such as QK-norm over the head
-dim (N = 64/128) pack many rows per program so each program still moves a few KiB, instead of
-being latency-bound on 128-byte rows. These launch parameters are a heuristic, not yet tuned on a
+beyond N). Wide rows (N > 512, so BLOCK_N ≥ 1024) use one row per program; short rows such as
+QK-norm over the head dim (N = 64/128) pack many rows per program so each program still moves a
+few KiB, instead of being latency-bound on 128-byte rows. These launch parameters are a heuristic, not yet tuned on a
 GPU.
 
 Inputs of any leading shape are viewed as (M, N); rows may be strided, the last dim must be
@@ -72,7 +72,7 @@ def _num_partials(n_row_blocks: int, device: torch.device) -> int:
     if device.type == "cuda":
         cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        cap = 4  # interpreter: few programs, and the tests still get several row blocks each
+        cap = 4  # CPU tensors (interpreter): few programs, each still gets several row blocks in tests
     return max(1, min(cap, n_row_blocks))
 
 
@@ -155,8 +155,13 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"unsupported dtype {x.dtype}; use bf16, fp16 or fp32")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise ValueError("x and weight must be tensors")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must be (..., N) with N >= 1, got shape {tuple(x.shape)}")
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if x.dtype not in floats or weight.dtype not in floats:
+        raise ValueError(f"unsupported dtypes x {x.dtype}, weight {weight.dtype}; use bf16, fp16 or fp32")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if weight.device != x.device:

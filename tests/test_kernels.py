@@ -210,6 +210,23 @@ def test_attention_strided_views_and_expanded_grad(device):
     assert rel_err(grad, qkv64.grad) <= 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dq_atomic", [False, True])
+def test_attention_every_operand_its_own_layout(device, dq_atomic):
+    # Each operand gets different batch/head/sequence strides (and dO a non-unit last-dim
+    # stride), with B, H >= 2 so that every stride is multiplied by a non-zero index: reading
+    # one tensor with another's strides cannot pass. The model's own case is like this: q and k
+    # come contiguous out of RoPE, v is a view into the packed QKV projection.
+    b, h, s, d = 2, 2, 21, 16
+    q = torch.randn(b, h, s, d, device=device)
+    k = torch.randn(b, s, h, d, device=device).transpose(1, 2)
+    v = torch.randn(h, b, s, d, device=device).transpose(0, 1)
+    do = torch.randn(b, h, d, s, device=device).transpose(-1, -2)
+    strides = {t.stride() for t in (q, k, v, do)}
+    assert len(strides) == 4 and do.stride(-1) != 1
+    check_attention(q, k, v, do, dq_atomic=dq_atomic)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("s,d", [(589, 128), (640, 64)])
 def test_attention_autotuned_configs_cuda(full_autotune, s, d):
@@ -271,6 +288,11 @@ def test_attention_rejects_unsupported_inputs():
         attn_mod.attention_forward(q, q, q, scale=-1.0)
     with pytest.raises(ValueError):
         attn_mod.attention_forward(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    # Through the public wrapper, which reads D to resolve the default scale: still ValueErrors.
+    empty_d = torch.randn(1, 1, 8, 0)
+    for bad in ((empty_d, empty_d, empty_d), (torch.randn(()), q, q), (q, None, q)):
+        with pytest.raises(ValueError):
+            attn_mod.flash_attention(*bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,9 +393,16 @@ def test_rms_norm_reference_twin_matches_fp64():
     assert rel_err(y, y_r) <= 2e-2
 
 
-def test_rms_norm_rejects_bad_weight():
+@pytest.mark.parametrize("x,w", [
+    (torch.randn(4, 64), torch.randn(32)),                    # weight of the wrong width
+    (torch.randn(4, 64), None),                               # no weight
+    (torch.randn(4, 64), torch.ones(64, dtype=torch.int32)),  # integer weight
+    (torch.randn(()), torch.randn(1)),                        # no last dim
+    (torch.randn(4, 0), torch.randn(0)),                      # empty rows
+])
+def test_rms_norm_rejects_bad_input(x, w):
     with pytest.raises(ValueError):
-        rms_mod.rms_norm_forward(torch.randn(4, 64), torch.randn(32))
+        rms_mod.triton_rms_norm(x, w)
 
 
 # ------------------------------------------------------------------------------------------

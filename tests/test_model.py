@@ -331,3 +331,28 @@ def test_whole_model_compiles_without_graph_breaks():
     (o_eager, g_eager), (o_comp, g_comp) = results
     assert torch.allclose(o_eager, o_comp, rtol=1e-5, atol=1e-6)
     assert (g_eager - g_comp).norm() / g_eager.norm() < 1e-5
+
+
+def test_forced_triton_path_refuses_to_fall_back(monkeypatch):
+    """Without CUDA or the interpreter, kernels.* would quietly run the reference: "triton" must
+    say so instead of comparing the reference with itself."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        mofo.set_kernels("triton", torch.device("cpu"))
+    m = tiny()
+    rgb, text, z, valid = batch(B=1, res=16, L=8)
+    try:
+        mofo.set_kernels("triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            m(rgb, torch.full((1,), 0.7), text, z, torch.full((1,), 0.4))
+    finally:
+        mofo.set_kernels("auto")
+
+
+def test_config_head_dim_must_suit_the_attention_kernel():
+    with pytest.raises(ValueError, match="head_dim"):
+        mofo.get_config("small", heads=8)  # 384 / 8 = 48: not a kernel head dim
+    with pytest.raises(ValueError, match="head_dim"):
+        mofo.get_config("tiny", heads=5)  # 96 / 5 is not an integer
+    for name in mofo.PRESETS:
+        assert mofo.get_config(name).head_dim in (16, 32, 64, 128)

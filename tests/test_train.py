@@ -128,7 +128,8 @@ def test_step_batches_are_a_function_of_the_step():
     assert ranks == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
 
 
-@pytest.mark.parametrize("case", ["existing", "resume_empty", "manifest_no_path", "bad_init", "bad_steps"])
+@pytest.mark.parametrize("case", ["existing", "resume_empty", "manifest_no_path", "bad_init", "bad_steps",
+                                  "triton_on_cpu"])
 def test_bad_input(tmp_path, case):
     out = str(tmp_path / "run")
     if case == "existing":
@@ -144,6 +145,10 @@ def test_bad_input(tmp_path, case):
         assert_user_error(run_cli("train.py", *TINY, "--init", str(tmp_path / "nope"), "--out", out, check=False),
                           "nope")
         assert not os.path.exists(os.path.join(out, "latest"))
+    elif case == "triton_on_cpu":  # run_cli's environment has no TRITON_INTERPRET
+        proc = run_cli("train.py", *TINY, "--kernels", "triton", "--device", "cpu", "--out", out, check=False)
+        assert_user_error(proc, "TRITON_INTERPRET=1")
+        assert not os.path.exists(out)
     else:
         assert_user_error(run_cli("train.py", "--steps", "0", "--out", out, check=False), "--steps")
 
