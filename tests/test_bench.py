@@ -78,7 +78,8 @@ def test_shape_selection(capsys):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
 def test_step_section_dry_run(monkeypatch, capsys):
-    """Both kernel paths train the same tiny model from the same weights: step-0 losses agree."""
+    """Both kernel paths run whole training steps of the same tiny model; before timing, the
+    kernel path's model outputs match the reference path's (and are not bit-equal: it ran)."""
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
     monkeypatch.setattr(bench, "GEMM_N", 64)
