@@ -17,7 +17,7 @@ Protocol (docs PERF.md §7):
    y written, fp32 rstd); backward 6·M·N + 4·M + 8·P·N (x, dy read, dx written, rstd read, fp32
    dw partials written and read back, P = 2 × SM count); forward+backward the sum. The profiler
    counts the device operations each implementation launches per call, and one tiny-M shape is
-   timed as a CUDA-graph replay, which shows the fixed cost per call without Python's.
+   timed as a CUDA-graph replay, whose device time shows the fixed cost per call without Python's.
 
 4. Training step (PERF.md §7 E, not part of a default run: ``--only step``): one whole step of
    ``train.py`` (flow-matching loss, backward, clipping, AdamW, EMA; bf16 autocast on CUDA) of the
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import math
@@ -471,10 +472,13 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
                     xg.grad = wg.grad = None
                     fwd_bwd()
 
-                # How many kernels each implementation launches (eager may be a composite).
-                for p, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                # How many kernels each implementation launches (eager may be a composite); fresh
+                # gradients, as when timed, so no accumulation kernels are counted.
+                for p, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd_fresh)):
                     rec["device_ops_per_call"][p] = _profile(call)["device_ops_per_call"]
-                if graph:  # replay cost of the whole call: launch overhead shows, Python does not
+                # A graph row's time is the replay's device time (kernels and the gaps between
+                # them, L2 cold after do_bench's flush); Python and launch calls do not show.
+                if graph:
                     rec["ms"]["fwd"] = timer(cuda_graph(fwd))
                     rec["ms"]["fwd+bwd"] = timer(cuda_graph(fwd_bwd_fresh))
                 else:
@@ -500,7 +504,7 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
     if max_autotune:
         baselines["compile_max_autotune"] = "max-autotune"
     report("RMSNorm, bf16, shape M,N (x<base> = base ms / ours ms; %ceil = % of measured copy "
-           "bandwidth; graph = timed as a CUDA-graph replay)", results, "GBps", RMS_TOL, baselines)
+           "bandwidth; graph = device time of a CUDA-graph replay)", results, "GBps", RMS_TOL, baselines)
     for r in results:
         counts = [f"{name} {c['fwd']:g} / {c['fwd+bwd']:g}" for name, rec in r["impls"].items()
                   for c in [rec["device_ops_per_call"]] if c.get("fwd") is not None and c.get("fwd+bwd") is not None]
@@ -660,11 +664,15 @@ def run_step(n_iters: int, ceil: Dict[str, float], sheet_tflops: Optional[float]
         for kernels, compiled in variants:
             rec = {"kernels": kernels, "compile": compiled, "ms": None, "out_rel_err": None, "error": None,
                    "peak_GB": None, "profile": None}
+            ema = opt = net = step = None
             try:
                 mofo.set_kernels(kernels)
                 model.load_state_dict(init)  # every variant starts from the same weights and batch
                 ema = copy.deepcopy(model).requires_grad_(False)
                 opt = train.make_optimizer(model, args)
+                # Dynamo caches per code object (MoFo.forward), not per module: without a reset the
+                # second config would compile with dynamic shapes and pile up toward the recompile limit.
+                torch._dynamo.reset()
                 net = torch.compile(model) if compiled else model
                 steps = itertools.count()
 
@@ -687,9 +695,12 @@ def run_step(n_iters: int, ceil: Dict[str, float], sheet_tflops: Optional[float]
                     if DEVICE == "cuda":
                         rec["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
                     rec["profile"] = _profile(step)
-                del ema, opt, net
             except Exception as e:
                 rec["error"] = error_text(e)
+            finally:  # free this variant's EMA, optimizer state and gradients before the next one
+                model.zero_grad(set_to_none=True)
+                ema = opt = net = step = None
+                gc.collect()
             if rec["ms"]:
                 rec["img_per_s"] = batch / (rec["ms"] * 1e-3)
                 rec["tokens_per_s"] = batch * tokens / (rec["ms"] * 1e-3)

@@ -118,6 +118,24 @@ def test_step_section_dry_run(monkeypatch, capsys):
     assert "Training step" in printed
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
+def test_step_section_compiled_dry_run(monkeypatch):
+    """`--step-compile` over two configs of different shapes (~3.5 CPU-minutes, opt-in): all four
+    variants of each run, and the compiled ones reproduce the eager reference path's outputs."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
+    monkeypatch.setattr(bench, "GEMM_N", 64)
+    monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, {"res": 16}), ("tiny", 1, {"res": 8})])
+    out = bench.run(bench.parse_args(["--only", "step", "--step-iters", "2", "--step-compile"]), wall_timer)
+    for row in out["step"]:
+        assert [(v["kernels"], v["compile"]) for v in row["variants"]] == [
+            ("torch", False), ("triton", False), ("torch", True), ("triton", True)]
+        for v in row["variants"]:
+            assert v["error"] is None and v["ms"] > 0, v
+            assert v["out_rel_err"] < 1e-5
+
+
 def _fake_row(speedups: dict, ok: bool = True, **extra) -> dict:
     return {"shape": [1, 2, 3, 4], "impls": {"triton": {"ok": ok, "pct_ceiling": {"fwd": 90.0}}},
             "speedup_vs": speedups, **extra}
