@@ -241,7 +241,8 @@ def report(title: str, results: List[dict], unit: str, tol: float, baselines: Di
         ours = r["impls"]["triton"]
         for p in PASSES:
             rows.append(
-                [",".join(map(str, r["shape"])) + (" graph" if r.get("cuda_graph") else ""), p, fmt(ours["ms"].get(p)), fmt(ours[unit].get(p), ".0f"),
+                [",".join(map(str, r["shape"])) + (" graph" if r.get("cuda_graph") else ""), p,
+                 fmt(ours["ms"].get(p)), fmt(ours[unit].get(p), ".0f"),
                  fmt(ours["pct_ceiling"].get(p), ".0f"),
                  fmt(ours["rel_err"], ".1e") + ("" if ours["ok"] else " FAIL")]
                 + [fmt(r["impls"][b]["ms"].get(p)) for b in baselines]
@@ -507,7 +508,7 @@ def run_rmsnorm(timer: Timer, ceil: Dict[str, float], sheet_tbs: Optional[float]
            "bandwidth; graph = device time of a CUDA-graph replay)", results, "GBps", RMS_TOL, baselines)
     for r in results:
         counts = [f"{name} {c['fwd']:g} / {c['fwd+bwd']:g}" for name, rec in r["impls"].items()
-                  for c in [rec["device_ops_per_call"]] if c.get("fwd") is not None and c.get("fwd+bwd") is not None]
+                  if None not in (c := rec["device_ops_per_call"]).values() and len(c) == 2]
         if counts:
             print(f"  device ops per call (fwd / fwd+bwd) at {r['shape']}: " + ", ".join(counts))
     return results
