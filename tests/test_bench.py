@@ -25,11 +25,17 @@ def wall_timer(fn, grad_to_none=None, **_) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
-def test_bench_plumbing_dry_run(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def cpu_bench(monkeypatch):
+    """bench.py pointed at the CPU with toy ceilings; the kernels run in the Triton interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("dry run uses the Triton interpreter")
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
     monkeypatch.setattr(bench, "GEMM_N", 64)
+
+
+def test_bench_plumbing_dry_run(cpu_bench, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "ATTN_SHAPES", [(1, 2, 17, 32)])
     monkeypatch.setattr(bench, "RMS_SHAPES", [(9, 48), (5, 40, "graph")])
     monkeypatch.setattr(bench, "ATTN_MATH_SHAPE", (1, 2, 9, 16))
@@ -88,13 +94,9 @@ def test_shape_selection(capsys):
     assert "--attn-shapes" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
-def test_step_section_dry_run(monkeypatch, capsys):
+def test_step_section_dry_run(cpu_bench, monkeypatch, capsys):
     """Both kernel paths run whole training steps of the same tiny model; before timing, the
     kernel path's model outputs match the reference path's (and are not bit-equal: it ran)."""
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
-    monkeypatch.setattr(bench, "GEMM_N", 64)
     monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, {"res": 16})])
     out = bench.run(bench.parse_args(["--only", "step", "--step-iters", "2"]), wall_timer)
     printed = capsys.readouterr().out
@@ -119,13 +121,9 @@ def test_step_section_dry_run(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="dry run uses the Triton interpreter")
-def test_step_section_compiled_dry_run(monkeypatch):
+def test_step_section_compiled_dry_run(cpu_bench, monkeypatch):
     """`--step-compile` over two configs of different shapes (~3.5 CPU-minutes, opt-in): all four
     variants of each run, and the compiled ones reproduce the eager reference path's outputs."""
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
-    monkeypatch.setattr(bench, "GEMM_N", 64)
     monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, {"res": 16}), ("tiny", 1, {"res": 8})])
     out = bench.run(bench.parse_args(["--only", "step", "--step-iters", "2", "--step-compile"]), wall_timer)
     for row in out["step"]:
