@@ -1,0 +1,167 @@
+"""
+What every script shares: the user-error convention, atomic writes, image <-> tensor conversion
+and the choice of device.
+
+A mistake in the user's input (a missing file, a bad flag value, an output folder that is not
+empty) raises UserError; `cli` turns it into one line on stderr and exit code 2. Outputs are
+written beside their final name and renamed into place, so a reader never sees half a file and a
+failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class UserError(Exception):
+    """A mistake in the user's input; CLIs print it as one line and exit 2."""
+
+
+def cli(main, prog: str) -> None:
+    """Run main() as a command: a UserError becomes 'prog: error: ...' on stderr and exit 2."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes
+# -----------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`.
+
+    The file gets the usual permissions (0666 minus the umask), not mkstemp's private 0600, so
+    other users can read checkpoints and pictures."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: str, blob: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2)
+    atomic_write(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    atomic_write(path, write)
+
+
+def check_out_dir(out: str) -> None:
+    """Refuse an output folder that exists and is not empty, and one that cannot be created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"output folder {out} exists and is not empty; choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --out {out}: {parent} is not writable")
+
+
+@contextmanager
+def staged_dir(out: str):
+    """Yield a temp folder beside `out`; on success it becomes `out` (which must be absent or
+    empty), on any failure it is removed. The user never sees a half-written output folder."""
+    check_out_dir(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if os.path.isdir(out):
+            os.rmdir(out)  # an empty folder the user made for us
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+# -----------------------------------------------------------------------------
+
+
+def save_png(path: str, arr: np.ndarray) -> None:
+    """Write uint8 (H, W, 3) / (H, W) or uint16 (H, W) as a PNG, atomically."""
+    arr = np.ascontiguousarray(arr)
+    if not (arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3))
+            or arr.dtype == np.uint16 and arr.ndim == 2):
+        raise ValueError(f"save_png wants uint8 (H,W,3)/(H,W) or uint16 (H,W), got {arr.dtype} {arr.shape}")
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """Model images (..., 3, H, W) in [-1, 1] -> uint8 arrays (..., H, W, 3)."""
+    return ((rgb.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def from_uint8(arr: np.ndarray) -> torch.Tensor:
+    """uint8 arrays (..., H, W, 3) -> float32 model images (..., 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).movedim(-1, -3).float().div(127.5).sub(1.0).contiguous()
+
+
+# -----------------------------------------------------------------------------
+# Device
+# -----------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this PyTorch build or machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
