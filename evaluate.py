@@ -27,20 +27,20 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import checkpoint
 import data
 import mofo
+import scenes
+from common import UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, write_json
+from evalsets import get_eval_dataset
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "median", "none")
@@ -200,41 +200,12 @@ def scene_plane_baseline(scene_index: int, res: int) -> np.ndarray:
     that understands the camera but sees no object. Pixels where the ray never meets the ground
     (sky, or an object standing above the horizon) get the farthest ground depth.
     """
-    scene = dataclasses.replace(data.sample_scene(scene_index), objects=[])
-    r = data.render(scene, res)
+    scene = dataclasses.replace(scenes.sample_scene(scene_index), objects=[])
+    r = scenes.render(scene, res)
     depth, on_ground = r["depth"].astype(np.float64), r["valid"]
     if not on_ground.any():  # camera sees no ground: degenerate to the constant baseline
         return np.ones((res, res))
     return np.where(on_ground, depth, depth[on_ground].max())
-
-
-# -----------------------------------------------------------------------------
-# Inputs: evaluation sets from data.py, or a jsonl manifest with depth
-
-
-class ManifestEval:
-    """Wraps data.ManifestDataset so its items look like evaluation items.
-
-    ManifestDataset centre-crops image and depth to the model resolution, so a manifest is scored
-    on that res x res crop rather than at the original resolution (letterboxing a square image is
-    then the identity). Rows without depth have no valid pixel and are skipped. The depth range
-    is open: (1e-5, inf).
-    """
-
-    def __init__(self, path: str, res: int, n: int | None):
-        self.ds = data.ManifestDataset(path, res)
-        self.n = len(self.ds) if n is None else min(n, len(self.ds))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.ds[i]
-        rgb = ((item["rgb"].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        depth = item["depth"].float().numpy()
-        valid = item["valid"].numpy().astype(bool) & np.isfinite(depth) & (depth > 0)
-        return {"rgb": rgb.permute(1, 2, 0).numpy(), "depth": depth, "valid": valid,
-                "name": str(item["index"]), "min_depth": 1e-5, "max_depth": math.inf}
 
 
 # -----------------------------------------------------------------------------
@@ -254,8 +225,7 @@ def predict_batch(model: torch.nn.Module, tok, rgbs: list[np.ndarray], *, steps:
     """
     res = model.cfg.res
     boxed = [data.resize_image(img, res, "letterbox") for img in rgbs]
-    x = torch.from_numpy(np.stack([b[0] for b in boxed])).to(device)
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                      # (B, 3, res, res)
+    x = from_uint8(np.stack([b[0] for b in boxed])).to(device)           # (B, 3, res, res)
     # i2d runs unconditionally: an empty caption is the "no text" token sequence
     ids = data.encode_text(tok, [""] * len(rgbs), model.cfg.text_len).to(device)
     members = []
@@ -327,19 +297,7 @@ def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Output: everything goes to a staging folder, moved into place only at the end
-
-
-def publish(stage: str, out: str) -> None:
-    """Move the staged files into `out` with os.replace (atomic per file); a staged
-    uncertainty/ folder replaces the old one as a whole so no stale maps are mixed in."""
-    os.makedirs(out, exist_ok=True)
-    for name in sorted(os.listdir(stage)):
-        src, dst = os.path.join(stage, name), os.path.join(out, name)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-        os.replace(src, dst)
+# Report helpers
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -375,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alignment", default="least_squares", choices=ALIGNMENTS,
                    help="how predictions are fitted to the GT before scoring")
     p.add_argument("--seed", type=int, default=0, help="seed of the first ensemble member")
-    p.add_argument("--out", default=None, help="output folder (default eval_out/<data>)")
+    p.add_argument("--out", default=None, help="new or empty output folder (default eval_out/<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
     return p.parse_args(argv)
@@ -385,42 +343,28 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--n", args.n), ("--ensemble", args.ensemble), ("--steps", args.steps),
                         ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
-            raise data.UserError(f"{flag} must be >= 1, got {value}")
+            raise UserError(f"{flag} must be >= 1, got {value}")
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    """Evaluate and write the report; returns the process exit code."""
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate and write the report into --out (default eval_out/<data>), which must be new or
+    empty: it is checked before the model is loaded, and filled only once everything succeeded."""
     check_args(args)
-    device = mofo.pick_device(args.device)
-    model, tok = mofo.load_checkpoint(args.ckpt, device=device, ema=True)
-    if not model.cfg.has_depth:
-        raise data.UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")
-    res = model.cfg.res
-    if args.data == "manifest":
-        if args.root is None:
-            raise data.UserError("--data manifest needs --root path/to/manifest.jsonl")
-        ds = ManifestEval(args.root, res, args.n)
-    else:
-        ds = data.get_eval_dataset(args.data, args.root, args.n, res)
-    n = len(ds)  # both sources already stop at --n
-
-    # From here on only our own failures can happen: stage outputs next to the final folder.
     out = args.out or os.path.join("eval_out", args.data)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
-    try:
-        run(args, model, tok, ds, n, device, stage)
-        publish(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    check_out_dir(out)
+    device = pick_device(args.device)
+    model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True)
+    if not model.cfg.has_depth:
+        raise UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")
+    ds = get_eval_dataset(args.data, args.root, args.n, model.cfg.res)
+    with staged_dir(out) as stage:
+        run(args, model, tok, ds, device, stage)
     print(f"wrote {out}/")
-    return 0
 
 
-def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
-        device: torch.device, stage: str) -> None:
+def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch.device, stage: str) -> None:
     """The evaluation loop proper; writes per_image.csv, summary.json, worst.png (+ maps)."""
+    n = len(ds)  # every evaluation set already stops at --n
     baselines = ["mean"] + (["plane"] if args.data == "scenes" else [])
     if args.ensemble > 1:
         os.makedirs(os.path.join(stage, "uncertainty"))
@@ -444,9 +388,9 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
             row = {"index": idx, "name": item["name"], **m}
             model_m.append(m)
             for b in baselines:
-                # held-out scene i is scene TEST_OFFSET + i (data.SceneEvalDataset), at model res
+                # held-out scene i is scene TEST_OFFSET + i (evalsets.SceneEvalDataset), at model res
                 bp = mean_baseline(gt) if b == "mean" else \
-                    scene_plane_baseline(data.TEST_OFFSET + idx, model.cfg.res)
+                    scene_plane_baseline(scenes.TEST_OFFSET + idx, model.cfg.res)
                 bm = depth_metrics(bp, gt, valid, args.alignment, *span)
                 base_m[b].append(bm)
                 row[f"{b}_abs_rel"], row[f"{b}_delta1"] = bm["abs_rel"], bm["delta1"]
@@ -461,8 +405,7 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
             if spread is not None:
                 np.save(os.path.join(stage, "uncertainty", f"{idx:05d}.npy"), spread)
                 scale = max(float(np.percentile(spread, 99)), 1e-12)
-                data.save_png(os.path.join(stage, "uncertainty", f"{idx:05d}.png"),
-                              error_colormap(spread / scale))
+                save_png(os.path.join(stage, "uncertainty", f"{idx:05d}.png"), error_colormap(spread / scale))
 
         done, elapsed = start + len(items), time.time() - t0
         if model_m:
@@ -472,7 +415,7 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
                   f"eta {fmt_time((n - done) * elapsed / done)}", flush=True)
 
     if not model_m:
-        raise data.UserError("no image had valid ground-truth depth")
+        raise UserError("no image had valid ground-truth depth")
     summary = {
         "data": args.data, "n": len(model_m), "skipped": skipped,
         "checkpoint": os.path.abspath(args.ckpt),
@@ -484,9 +427,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
         "args": vars(args),
     }
     write_csv(os.path.join(stage, "per_image.csv"), rows)
-    with open(os.path.join(stage, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    data.save_png(os.path.join(stage, "worst.png"), stack_rows([w[1] for w in worst]))
+    write_json(os.path.join(stage, "summary.json"), summary)
+    save_png(os.path.join(stage, "worst.png"), stack_rows([w[1] for w in worst]))
 
     # final table; AbsRel and delta1 are printed x100 (the dicts hold fractions)
     print(f"\n{'':<28}{'AbsRel x100':>12}{'delta1 x100':>13}")
@@ -496,14 +438,9 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, n: int,
         print(f"{label:<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return evaluate(args)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> None:
+    evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, "evaluate.py")

@@ -1,4 +1,5 @@
-"""Tests of data.py's procedural scenes, sparse masks, tokenizer and image helpers."""
+"""Tests of the procedural scenes (scenes.py) and of data.py's sparse masks, datasets, tokenizer,
+image helpers and command line."""
 import hashlib
 import math
 import os
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 import data
+import scenes
+from helpers import assert_user_error, run_cli
 
 
 def scene_hash(index: int, res: int) -> str:
-    s = data.render_scene(index, res)
+    s = scenes.render_scene(index, res)
     h = hashlib.sha256()
     for key in ("rgb", "depth", "valid"):
         h.update(np.ascontiguousarray(s[key]).tobytes())
@@ -27,16 +30,16 @@ def scene_hash(index: int, res: int) -> str:
 
 
 def test_scene_is_deterministic_and_scenes_differ():
-    a, b = data.render_scene(5, 32), data.render_scene(5, 32)
+    a, b = scenes.render_scene(5, 32), scenes.render_scene(5, 32)
     for key in ("rgb", "depth", "valid"):
         assert np.array_equal(a[key], b[key])
     assert a["caption"] == b["caption"]
-    c = data.render_scene(6, 32)
+    c = scenes.render_scene(6, 32)
     assert not np.array_equal(a["rgb"], c["rgb"])
 
 
 def test_scene_is_identical_in_a_fresh_process():
-    code = ("import hashlib, numpy as np, data; s = data.render_scene(3, 48); h = hashlib.sha256()\n"
+    code = ("import hashlib, numpy as np, scenes; s = scenes.render_scene(3, 48); h = hashlib.sha256()\n"
             "for k in ('rgb', 'depth', 'valid'): h.update(np.ascontiguousarray(s[k]).tobytes())\n"
             "print(h.hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +49,15 @@ def test_scene_is_identical_in_a_fresh_process():
     assert out.stdout.strip() == scene_hash(3, 48)
 
 
+def test_scenes_are_pinned():
+    """The renderer's output, bit for bit: changing it changes every scene of every run."""
+    got = [scene_hash(i, res)[:16] for i, res in ((0, 32), (7, 48), (scenes.TEST_OFFSET + 1, 64))]
+    assert got == ["1f94ff5bc29f88ce", "7d96b3be3fd54724", "a12baeca66206199"]
+
+
 def test_scene_arrays_shapes_and_depth_validity():
     for index in range(12):
-        s = data.render_scene(index, 32)
+        s = scenes.render_scene(index, 32)
         assert s["rgb"].shape == (32, 32, 3) and s["rgb"].dtype == np.uint8
         assert s["depth"].shape == (32, 32) and s["depth"].dtype == np.float32
         assert s["valid"].dtype == bool
@@ -60,7 +69,7 @@ def test_scene_arrays_shapes_and_depth_validity():
 
 
 def test_same_geometry_at_every_resolution():
-    lo, hi = data.render_scene(9, 32), data.render_scene(9, 96)
+    lo, hi = scenes.render_scene(9, 32), scenes.render_scene(9, 96)
     assert lo["caption"] == hi["caption"] and lo["fov_deg"] == hi["fov_deg"]
     assert abs(lo["valid"].mean() - hi["valid"].mean()) < 0.05
     # 96 = 3 x 32: the centre of each 3x3 block of the big image is the centre of a small pixel
@@ -68,10 +77,10 @@ def test_same_geometry_at_every_resolution():
 
 
 def test_ground_depth_is_exact_z_depth():
-    scene = data.sample_scene(2)
+    scene = scenes.sample_scene(2)
     scene.objects = []
     res = 33
-    s = data.render(scene, res)
+    s = scenes.render(scene, res)
     a = math.tan(math.radians(scene.fov_deg) / 2)
     yn = -(((np.arange(res) + 0.5) / res) * 2 - 1) * a
     dy = yn * math.cos(scene.pitch) - math.sin(scene.pitch)      # world up-component of each row's ray
@@ -82,50 +91,50 @@ def test_ground_depth_is_exact_z_depth():
 
 
 def test_sphere_depth_is_exact():
-    scene = data.sample_scene(0)
+    scene = scenes.sample_scene(0)
     scene.pitch, scene.cam_height = 0.0, 0.5
-    scene.objects = [data.Primitive("sphere", "red", "medium", 0.0, 4.0, (0.5, 0.5, 0.5))]
-    s = data.render(scene, 33)                       # odd: the centre pixel looks straight ahead
+    scene.objects = [scenes.Primitive("sphere", "red", "medium", 0.0, 4.0, (0.5, 0.5, 0.5))]
+    s = scenes.render(scene, 33)                       # odd: the centre pixel looks straight ahead
     assert s["depth"][16, 16] == pytest.approx(3.5, rel=1e-6)
     assert tuple(s["rgb"][16, 16]) != tuple(s["rgb"][16, 1])
 
 
 def test_caption_matches_scene_parameters():
     for index in range(60):
-        scene = data.sample_scene(index)
+        scene = scenes.sample_scene(index)
         cap = scene.caption
         assert 1 <= len(scene.objects) <= 4
         for obj in scene.objects:
             assert f"{obj.colour} {obj.shape}" in cap
         present = {o.colour for o in scene.objects}
-        assert {c for c in data.COLOURS if f" {c} " in f" {cap} "} == present
-        assert cap.endswith(data.FLOORS[scene.floor])
+        assert {c for c in scenes.COLOURS if f" {c} " in f" {cap} "} == present
+        assert cap.endswith(scenes.FLOORS[scene.floor])
         if len(scene.objects) > 1:
             assert any(r in cap for r in ("left of", "right of", "in front of", "behind"))
         assert cap == cap.lower()
 
 
 def test_relations_follow_positions():
-    a = data.Primitive("sphere", "red", "medium", -2.0, 5.0, (0.4,) * 3)
-    b = data.Primitive("box", "blue", "large", 1.0, 5.5, (0.5,) * 3)
-    c = data.Primitive("cone", "green", "small", 1.2, 9.0, (0.3, 0.6, 0.3))
-    assert data._relation(a, b) == "left of" and data._relation(b, a) == "right of"
-    assert data._relation(c, b) == "behind" and data._relation(b, c) == "in front of"
-    assert data._caption([a, b], "grassy") == "a red sphere left of a large blue box on grass"
+    a = scenes.Primitive("sphere", "red", "medium", -2.0, 5.0, (0.4,) * 3)
+    b = scenes.Primitive("box", "blue", "large", 1.0, 5.5, (0.5,) * 3)
+    c = scenes.Primitive("cone", "green", "small", 1.2, 9.0, (0.3, 0.6, 0.3))
+    assert scenes._relation(a, b) == "left of" and scenes._relation(b, a) == "right of"
+    assert scenes._relation(c, b) == "behind" and scenes._relation(b, c) == "in front of"
+    assert scenes._caption([a, b], "grassy") == "a red sphere left of a large blue box on grass"
 
 
 def test_scene_captions_match_renders():
-    caps = data.scene_captions(5)
-    assert caps == [data.render_scene(i, 16)["caption"] for i in range(5)]
+    caps = scenes.scene_captions(5)
+    assert caps == [scenes.render_scene(i, 16)["caption"] for i in range(5)]
 
 
 def test_render_speed(capsys):
     times = {}
     for res, n in ((32, 20), (64, 10), (256, 3)):
-        data.render_scene(0, res)
+        scenes.render_scene(0, res)
         t = time.perf_counter()
         for i in range(n):
-            data.render_scene(i, res)
+            scenes.render_scene(i, res)
         times[res] = (time.perf_counter() - t) / n * 1000
     with capsys.disabled():
         print("\nrender ms/scene: " + ", ".join(f"{r}^2 {ms:.1f}" for r, ms in times.items()))
@@ -138,7 +147,7 @@ def test_render_speed(capsys):
 @pytest.mark.parametrize("res", [32, 64, 128])
 def test_lidar_mask_is_sparse_line_like_subset(res):
     for index in range(6):
-        valid = data.render_scene(index, res)["valid"]
+        valid = scenes.render_scene(index, res)["valid"]
         mask = data.lidar_mask(valid, np.random.default_rng(index))
         assert mask.dtype == bool and mask.shape == valid.shape
         assert not (mask & ~valid).any()
@@ -161,7 +170,7 @@ def test_random_mask_density():
 
 
 def test_sparsify_kinds():
-    valid = data.render_scene(1, 32)["valid"]
+    valid = scenes.render_scene(1, 32)["valid"]
     assert np.array_equal(data.sparsify(valid, "none", np.random.default_rng(0)), valid)
     with pytest.raises(data.UserError, match="sparse depth kind"):
         data.sparsify(valid, "grid", np.random.default_rng(0))
@@ -193,7 +202,7 @@ def test_scene_dataset_items():
 
 def test_train_and_test_splits_are_disjoint():
     train, test = data.SceneDataset(32, "train"), data.SceneDataset(32, "test")
-    assert test[0]["index"] == data.TEST_OFFSET and train[0]["index"] == 0
+    assert test[0]["index"] == scenes.TEST_OFFSET and train[0]["index"] == 0
     assert not torch.equal(train[0]["rgb"], test[0]["rgb"])
     with pytest.raises(data.UserError):
         data.SceneDataset(32, "val")
@@ -210,7 +219,7 @@ def test_dataloader_batches():
 
 
 def test_tokenizer(tmp_path):
-    texts = data.scene_captions(200)
+    texts = scenes.scene_captions(200)
     tok = data.train_tokenizer(texts, vocab_size=512)
     assert tok.token_to_id("<pad>") == 0 and tok.get_vocab_size() <= 512
     assert data.train_tokenizer(texts, vocab_size=512).get_vocab() == tok.get_vocab()
@@ -279,10 +288,24 @@ def test_colorize_depth_near_is_brighter():
 
 
 def test_save_png_is_atomic_and_loadable(tmp_path):
-    img = data.render_scene(0, 16)["rgb"]
+    img = scenes.render_scene(0, 16)["rgb"]
     path = str(tmp_path / "sub" / "x.png")
     data.save_png(path, img)
     assert np.array_equal(data.load_image(path), img)
     assert os.listdir(tmp_path / "sub") == ["x.png"]
     with pytest.raises(ValueError):
         data.save_png(path, img.astype(np.float32))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_exports_a_held_out_scene(tmp_path):
+    out = str(tmp_path / "scene")
+    proc = run_cli("data.py", "--scene", "0", "--split", "test", "--res", "16", "--out", out)
+    scene = scenes.render_scene(scenes.TEST_OFFSET, 16)
+    assert proc.stdout.splitlines()[0] == f"test scene 0 (index {scenes.TEST_OFFSET}): {scene['caption']}"
+    assert sorted(os.listdir(out)) == ["caption.txt", "depth.npy", "depth.png", "lidar.png", "rgb.png"]
+    assert np.array_equal(np.load(os.path.join(out, "depth.npy")), scene["depth"])
+    assert_user_error(run_cli("data.py", "--out", out, check=False), "data.py: error:", "not empty")

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-import data
 import evaluate as ev
+import scenes
+from common import UserError
 from helpers import assert_user_error, run_cli, train_tiny
 
 
@@ -161,8 +162,8 @@ def test_mean_baseline_is_best_constant():
 
 
 def test_scene_plane_baseline_is_the_ground_behind_the_objects():
-    res, index = 32, data.TEST_OFFSET + 3
-    gt = data.render_scene(index, res)
+    res, index = 32, scenes.TEST_OFFSET + 3
+    gt = scenes.render_scene(index, res)
     plane = ev.scene_plane_baseline(index, res)
     assert plane.shape == (res, res) and np.all(np.isfinite(plane)) and np.all(plane > 0)
     # pinhole camera without roll over flat ground: inverse depth is linear in the row and
@@ -199,9 +200,8 @@ def _finite(d):
 
 def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "2",
-                  "--out", str(out), "--device", "cpu", "--batch-size", "2"])
-    assert rc == 0
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "2",
+             "--out", str(out), "--device", "cpu", "--batch-size", "2"])
     assert sorted(os.listdir(out)) == ["per_image.csv", "summary.json", "worst.png"]
     s = json.loads((out / "summary.json").read_text())
     for key in ("model", "baselines", "n", "args", "checkpoint", "alignment", "ensemble",
@@ -219,9 +219,8 @@ def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
 
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
     out = tmp_path / "eval"
-    rc = ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1",
-                  "--ensemble", "2", "--out", str(out), "--device", "cpu", "--batch-size", "1"])
-    assert rc == 0
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1",
+             "--ensemble", "2", "--out", str(out), "--device", "cpu", "--batch-size", "1"])
     names = sorted(os.listdir(out / "uncertainty"))
     assert names == ["00000.npy", "00000.png", "00001.npy", "00001.png"]
     spread = np.load(out / "uncertainty" / "00000.npy")
@@ -233,16 +232,21 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
     out = tmp_path / "never"
     proc = run_cli("evaluate.py", "--ckpt", str(tmp_path / "nope"), "--data", "scenes",
                    "--n", "2", "--out", str(out), check=False)
-    assert_user_error(proc, "nope")
+    assert_user_error(proc, "evaluate.py: error:", "nope")
     assert list(tmp_path.iterdir()) == []  # neither the out dir nor a staging dir
 
 
 @pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
                                    ["--data", "manifest", "--root", "/nonexistent/m.jsonl"]])
-def test_cli_user_mistakes_exit_2(tiny_ckpt, tmp_path, capsys, extra):
+def test_user_mistakes_raise_user_error(tiny_ckpt, tmp_path, extra):
     out = tmp_path / "never"
-    args = ["--ckpt", tiny_ckpt, "--data", "scenes", "--steps", "1", "--out", str(out)] + extra
-    assert ev.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    with pytest.raises(UserError):
+        ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--steps", "1", "--out", str(out)] + extra)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_empty_out_is_refused(tiny_ckpt, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "1", "--steps", "1", "--out", str(tmp_path)])
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("notes.txt", "keep me")]

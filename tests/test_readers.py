@@ -1,5 +1,6 @@
-"""Tests of data.py's readers for real data: depth encodings, the Marigold evaluation layout,
-jsonl manifests and tar shards. Every fixture is a tiny file written here in the real encoding."""
+"""Tests of the readers for real data: depth encodings, jsonl manifests and tar shards (data.py)
+and the evaluation sets (evalsets.py). Every fixture is a tiny file written here in the real
+encoding."""
 import io
 import json
 import math
@@ -12,6 +13,9 @@ import torch
 from PIL import Image
 
 import data
+import evalsets
+import scenes
+from common import save_png
 
 
 def write_rgb(path, h, w, seed=0):
@@ -25,6 +29,15 @@ def depth_ramp(h, w, lo=0.5, hi=12.0):
     return np.tile(np.linspace(lo, hi, w), (h, 1)).astype(np.float64)
 
 
+def write_depth_png16(path: str, depth_m: np.ndarray, scale: float) -> None:
+    """Metres as a 16-bit PNG of round(depth / scale); invalid (<= 0, non-finite) pixels are 0."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    ok = np.isfinite(d) & (d > 0)
+    units = np.zeros(d.shape, dtype=np.uint16)
+    units[ok] = np.clip(np.rint(d[ok] / scale), 0, 65535)
+    save_png(path, units)
+
+
 # -----------------------------------------------------------------------------
 # Depth readers
 
@@ -34,7 +47,7 @@ def test_png16_formats_round_trip(tmp_path, fmt, scale):
     gt = depth_ramp(6, 9)
     gt[2, 3] = 0.0                      # a hole
     path = str(tmp_path / "d.png")
-    data.write_depth_png16(path, gt, scale)
+    write_depth_png16(path, gt, scale)
     depth, valid = data.read_depth(path, fmt)
     assert depth.dtype == np.float32 and valid.dtype == bool and depth.shape == (6, 9)
     assert not valid[2, 3] and depth[2, 3] == 0
@@ -43,7 +56,7 @@ def test_png16_formats_round_trip(tmp_path, fmt, scale):
 
 def test_png16_with_explicit_scale(tmp_path):
     path = str(tmp_path / "d.png")
-    data.write_depth_png16(path, np.full((4, 4), 3.0), 0.01)
+    write_depth_png16(path, np.full((4, 4), 3.0), 0.01)
     depth, valid = data.read_depth(path, "png16", scale=0.01)
     assert valid.all() and np.allclose(depth, 3.0)
     with pytest.raises(data.UserError, match="scale"):
@@ -128,7 +141,7 @@ def test_bad_files_are_rejected_with_clear_messages(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Marigold-layout evaluation sets
+# Evaluation sets
 
 
 def make_eval_tree(root, name, n=2, monkeypatch=None):
@@ -139,20 +152,20 @@ def make_eval_tree(root, name, n=2, monkeypatch=None):
         if name == "nyu":
             h, w, rgb, dep = 480, 640, f"test/room/rgb_{i}.png", f"test/room/depth_{i}.png"
             gt = depth_ramp(h, w, 0.5, 12.0)                 # > 10 m on the right: out of range
-            data.write_depth_png16(os.path.join(root, dep), gt, 1e-3)
+            write_depth_png16(os.path.join(root, dep), gt, 1e-3)
             lines.append(f"{rgb} {dep} test/room/filled_{i}.png")
         elif name == "kitti":
             h, w = 375, 1242
             rgb, dep = f"2011_09_26/drive/image_02/data/{i:010d}.png", f"drive/groundtruth/{i:010d}.png"
             gt = depth_ramp(h, w, 2.0, 90.0)
             gt[::2] = 0                                       # sparse LiDAR-like holes
-            data.write_depth_png16(os.path.join(root, dep), gt, 1 / 256)
+            write_depth_png16(os.path.join(root, dep), gt, 1 / 256)
             lines.append(f"{rgb} {dep} 721.5377")
             lines.append(f"2011_09_26/drive/image_02/data/{i + 100:010d}.png None 721.5377")
         elif name == "scannet":
             h, w, rgb, dep = 48, 64, f"scene0001_00/color/{i:06d}.jpg", f"scene0001_00/depth/{i:06d}.png"
             gt = depth_ramp(h, w, 0.5, 4.0)
-            data.write_depth_png16(os.path.join(root, dep), gt, 1e-3)
+            write_depth_png16(os.path.join(root, dep), gt, 1e-3)
             lines.append(f"{rgb} {dep}")
         elif name == "diode":
             h, w = 24, 32
@@ -178,7 +191,7 @@ def make_eval_tree(root, name, n=2, monkeypatch=None):
         if name == "eth3d":
             lines.append(f"{rgb} {dep}")
         gts.append(gt)
-    split = os.path.basename(data.DATASETS[name]["split"])
+    split = os.path.basename(evalsets.DATASETS[name]["split"])
     with open(os.path.join(root, split), "w") as f:
         f.write("\n".join(lines) + "\n")
     return gts
@@ -187,7 +200,7 @@ def make_eval_tree(root, name, n=2, monkeypatch=None):
 def test_eval_nyu_eigen_crop_and_range(tmp_path):
     root = str(tmp_path / "nyu")
     gts = make_eval_tree(root, "nyu")
-    ds = data.EvalDataset("nyu", root)
+    ds = evalsets.EvalDataset("nyu", root)
     assert len(ds) == 2
     item = ds[1]
     assert item["rgb"].shape == (480, 640, 3) and item["rgb"].dtype == np.uint8
@@ -198,13 +211,13 @@ def test_eval_nyu_eigen_crop_and_range(tmp_path):
     assert not (item["depth"][v] >= 10.0).any()
     assert v[45:471, 41:100].all()
     assert np.abs(item["depth"][v] - gts[1][v]).max() < 1e-3
-    assert len(data.EvalDataset("nyu", root, n=1)) == 1
+    assert len(evalsets.EvalDataset("nyu", root, n=1)) == 1
 
 
 def test_eval_kitti_benchmark_crop_and_eigen_mask(tmp_path):
     root = str(tmp_path / "kitti")
     make_eval_tree(root, "kitti")
-    ds = data.EvalDataset("kitti", root)
+    ds = evalsets.EvalDataset("kitti", root)
     assert len(ds) == 2, "rows whose depth is None are skipped"
     item = ds[0]
     assert item["rgb"].shape == (352, 1216, 3) and item["depth"].shape == (352, 1216)
@@ -221,17 +234,17 @@ def test_eval_kitti_benchmark_crop_and_eigen_mask(tmp_path):
 def test_eval_scannet_and_split_under_data_split(tmp_path):
     root = str(tmp_path / "scannet")
     make_eval_tree(root, "scannet", n=3)
-    split = data.DATASETS["scannet"]["split"]
+    split = evalsets.DATASETS["scannet"]["split"]
     os.makedirs(os.path.join(root, os.path.dirname(split)))
     os.rename(os.path.join(root, os.path.basename(split)), os.path.join(root, split))
-    ds = data.EvalDataset("scannet", root)
+    ds = evalsets.EvalDataset("scannet", root)
     assert len(ds) == 3 and ds[2]["valid"].all()
 
 
 def test_eval_diode_mask(tmp_path):
     root = str(tmp_path / "diode")
     make_eval_tree(root, "diode")
-    item = data.EvalDataset("diode", root)[0]
+    item = evalsets.EvalDataset("diode", root)[0]
     assert not item["valid"][:4].any()
     assert (item["valid"][4:] == (item["depth"][4:] > 0.6)).all()
 
@@ -240,38 +253,50 @@ def test_eval_eth3d(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "ETH3D_SHAPE", (12, 18))
     root = str(tmp_path / "eth3d")
     make_eval_tree(root, "eth3d")
-    item = data.EvalDataset("eth3d", root)[1]
+    item = evalsets.EvalDataset("eth3d", root)[1]
     assert item["depth"].shape == (12, 18) and not item["valid"][0].any() and item["valid"][1:].all()
     assert item["max_depth"] == math.inf
 
 
 def test_eval_dataset_errors(tmp_path):
     with pytest.raises(data.UserError, match="evaluation data not found"):
-        data.EvalDataset("nyu", str(tmp_path / "nowhere"))
+        evalsets.EvalDataset("nyu", str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(data.UserError, match="filename_list_test.txt"):
-        data.EvalDataset("nyu", str(empty))
+        evalsets.EvalDataset("nyu", str(empty))
     with pytest.raises(data.UserError, match="unknown evaluation dataset"):
-        data.EvalDataset("middlebury", str(empty))
+        evalsets.EvalDataset("middlebury", str(empty))
     (empty / "list.txt").write_text("a.png b.png\n")
     with pytest.raises(data.UserError, match="2 files listed in list.txt are missing"):
-        data.EvalDataset("scannet", str(empty), split_file=str(empty / "list.txt"))
+        evalsets.EvalDataset("scannet", str(empty), split_file=str(empty / "list.txt"))
     (empty / "short.txt").write_text("only_one_column.png\n")
     with pytest.raises(data.UserError, match="short.txt:1: expected"):
-        data.EvalDataset("scannet", str(empty), split_file=str(empty / "short.txt"))
+        evalsets.EvalDataset("scannet", str(empty), split_file=str(empty / "short.txt"))
     with pytest.raises(data.UserError, match="needs the dataset root"):
-        data.get_eval_dataset("kitti", None, None, 32)
+        evalsets.get_eval_dataset("kitti", None, None, 32)
 
 
 def test_scene_eval_dataset():
-    ds = data.get_eval_dataset("scenes", None, 3, 32)
+    ds = evalsets.get_eval_dataset("scenes", None, 3, 32)
     assert len(ds) == 3
     item = ds[0]
     assert item["rgb"].shape == (32, 32, 3) and item["rgb"].dtype == np.uint8
     assert item["valid"].any() and (item["depth"][item["valid"]] > 0).all()
-    assert item["name"] == f"scene_{data.TEST_OFFSET}" and item["max_depth"] == math.inf
-    assert np.array_equal(item["rgb"], data.render_scene(data.TEST_OFFSET, 32)["rgb"])
+    assert item["name"] == f"scene_{scenes.TEST_OFFSET}" and item["max_depth"] == math.inf
+    assert np.array_equal(item["rgb"], scenes.render_scene(scenes.TEST_OFFSET, 32)["rgb"])
+
+
+def test_manifest_eval_set(tmp_path):
+    img = write_rgb(str(tmp_path / "x.png"), 16, 16)
+    np.save(tmp_path / "d.npy", depth_ramp(16, 16).astype(np.float32))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "x.png", "caption": "", "depth": "d.npy"}) + "\n")
+    item = evalsets.get_eval_dataset("manifest", str(tmp_path / "m.jsonl"), None, 16)[0]
+    assert np.array_equal(item["rgb"], img), "a square image at the model resolution comes back unchanged"
+    assert item["valid"].all() and np.allclose(item["depth"], depth_ramp(16, 16))
+    assert (item["name"], item["min_depth"], item["max_depth"]) == ("0", 1e-5, math.inf)
+    with pytest.raises(data.UserError, match="needs --root"):
+        evalsets.get_eval_dataset("manifest", None, None, 16)
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +308,7 @@ def test_manifest_mixed_rows(tmp_path):
     write_rgb(str(tmp_path / "imgs" / "b.png"), 30, 30)
     write_rgb(str(tmp_path / "imgs" / "c.png"), 50, 50)
     np.save(tmp_path / "imgs" / "b.npy", np.full((30, 30), 2.5, np.float32))
-    data.write_depth_png16(str(tmp_path / "imgs" / "c.png16.png"), np.full((25, 25), 4.0), 0.001)
+    write_depth_png16(str(tmp_path / "imgs" / "c.png16.png"), np.full((25, 25), 4.0), 0.001)
     rows = [{"image": "imgs/a.jpg", "caption": "image only"},
             {"image": "imgs/b.png", "caption": "npy depth", "depth": "imgs/b.npy"},
             {"image": str(tmp_path / "imgs" / "c.png"), "caption": "png depth", "depth": "imgs/c.png16.png",
@@ -314,7 +339,7 @@ def test_manifest_mixed_rows(tmp_path):
 ])
 def test_manifest_bad_lines(tmp_path, line, message):
     write_rgb(str(tmp_path / "x.png"), 8, 8)
-    data.write_depth_png16(str(tmp_path / "d.png"), np.ones((8, 8)), 0.001)
+    write_depth_png16(str(tmp_path / "d.png"), np.ones((8, 8)), 0.001)
     (tmp_path / "m.jsonl").write_text(line + "\n")
     with pytest.raises(data.UserError, match=message):
         data.ManifestDataset(str(tmp_path / "m.jsonl"), 16)
