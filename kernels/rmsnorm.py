@@ -27,8 +27,8 @@ registers; at the end it writes one fp32 partial row. A second stage sums the P 
 Tiling: every program holds a BLOCK_ROWS × BLOCK_N tile, BLOCK_N = next_pow2(N) (columns masked
 beyond N). Wide rows (N > 512, so BLOCK_N ≥ 1024) use one row per program; short rows such as
 QK-norm over the head dim (N = 64/128) pack many rows per program so each program still moves a
-few KiB, instead of being latency-bound on 128-byte rows. These launch parameters are a heuristic, not yet tuned on a
-GPU.
+few KiB, instead of being latency-bound on 128-byte rows. The launch parameters come from that
+rule (``_launch_params``), not from autotuning.
 
 Inputs of any leading shape are viewed as (M, N); rows may be strided, the last dim must be
 contiguous (a copy is made otherwise). x and y share a dtype (bf16/fp16/fp32); the weight may
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import alloc, eager_or_op, interpreting, kernel_op
+from ._common import alloc, eager_or_op, kernel_op
 
 __all__ = [
     "triton_rms_norm",

@@ -1,21 +1,20 @@
-"""Dry run of kernels/bench.py on CPU: toy sizes, a wall-clock timer, the Triton interpreter.
+"""Dry run of tools/bench.py on CPU: toy sizes, a wall-clock timer, the Triton interpreter.
 
 The figures mean nothing here; what is checked is the plumbing the GPU run depends on (every
 implementation is called and checked, unsupported backends become "n/a" rows instead of crashes,
 ratios, tables and the JSON), so a lent GPU's time is not lost to a bug in the script.
 """
-import importlib
 import json
 import math
-import os
 import time
 
 import pytest
 
-bench = importlib.import_module("kernels.bench")
+from kernels import INTERPRET
+from tools import bench
 
 
-def wall_timer(fn, grad_to_none=None, **_) -> float:
+def wall_timer(fn, grad_to_none=None) -> float:
     """Milliseconds of one call after one warm-up call (stands in for do_bench)."""
     fn()
     for t in grad_to_none or ():
@@ -28,7 +27,7 @@ def wall_timer(fn, grad_to_none=None, **_) -> float:
 @pytest.fixture
 def cpu_bench(monkeypatch):
     """bench.py pointed at the CPU with toy ceilings; the kernels run in the Triton interpreter."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not INTERPRET:
         pytest.skip("dry run uses the Triton interpreter")
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
@@ -36,9 +35,9 @@ def cpu_bench(monkeypatch):
 
 
 def test_bench_plumbing_dry_run(cpu_bench, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(bench, "ATTN_SHAPES", [(1, 2, 17, 32)])
+    monkeypatch.setattr(bench, "ATTN_SHAPES", [(1, 2, 17, 64), (1, 2, 9, 16, "graph")])
     monkeypatch.setattr(bench, "RMS_SHAPES", [(9, 48), (5, 40, "graph")])
-    monkeypatch.setattr(bench, "ATTN_MATH_SHAPE", (1, 2, 9, 16))
+    monkeypatch.setattr(bench, "QK_SHAPES", [(1, 2, 7, 32), (1, 1, 5, 16, "graph")])
     args = bench.parse_args(["--out", str(tmp_path / "bench.json")])
     out = bench.run(args, wall_timer)
     bench.write_json(args.out, out)
@@ -46,35 +45,49 @@ def test_bench_plumbing_dry_run(cpu_bench, monkeypatch, tmp_path, capsys):
 
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["meta"]["device"].startswith("cpu") and saved["meta"]["torch"]
-    assert set(saved) == {"meta", "ceilings", "attention_math_check", "attention", "rmsnorm", "targets"}
-    assert [r["shape"] for r in saved["attention"]] == [[1, 2, 17, 32]]
-    check = saved["attention_math_check"]
-    assert check["shape"] == [1, 2, 9, 16] and 0 < check["triton"] < bench.ATTN_TOL
-    assert 0 < check["sdpa_math"] < bench.ATTN_TOL
-    # The CUDA-graph row is timed for fwd and fwd+bwd only and carries no target.
-    graph_row = saved["rmsnorm"][1]
-    assert graph_row["cuda_graph"] and set(graph_row["impls"]["triton"]["ms"]) == {"fwd", "fwd+bwd"}
-    assert graph_row["impls"]["triton"]["ok"]
+    assert set(saved) == {"meta", "ceilings", "attention", "rmsnorm", "qknorm", "targets"}
+    assert [r["shape"] for r in saved["attention"]] == [[1, 2, 17, 64], [1, 2, 9, 16]]
+    # The CUDA-graph rows are timed for fwd and fwd+bwd only and carry no target.
+    for section in ("attention", "rmsnorm", "qknorm"):
+        graph_row = saved[section][1]
+        assert graph_row["cuda_graph"] and set(graph_row["impls"]["triton"]["ms"]) == {"fwd", "fwd+bwd"}
+        assert graph_row["impls"]["triton"]["ok"]
     verdicts = saved["targets"]
-    assert len(verdicts) == 8 and all(v["shape"] != [5, 40] for v in verdicts)
-    assert {v["verdict"] for v in verdicts if v["measure"] == "sdpa_cudnn"} == {"not measured"}
-    assert all(v["verdict"] in ("met", "missed") for v in verdicts if v["measure"] != "sdpa_cudnn")
+    # attention at D=64: fwd, bwd, fwd+bwd against cuDNN; RMSNorm 3 bars; QK-norm 2 bars
+    assert [v["section"] for v in verdicts] == ["attention"] * 3 + ["rmsnorm"] * 3 + ["qknorm"] * 2
+    assert {v["verdict"] for v in verdicts if v["section"] == "attention"} == {"not measured"}
+    assert all(v["verdict"] in ("met", "missed") for v in verdicts if v["section"] != "attention")
 
-    for section, bases in (("attention", ("sdpa_flash", "triton_atomic_dq")), ("rmsnorm", ("eager", "compile"))):
+    for section, bases in (("attention", ("sdpa_flash",)), ("rmsnorm", ("eager", "compile")),
+                           ("qknorm", ("eager", "compile"))):
         row = saved[section][0]
         ours = row["impls"]["triton"]
         assert ours["ok"] and ours["error"] is None, ours
         assert set(ours["ms"]) == set(bench.PASSES)
         for base in bases:  # run on CPU too, so every ratio exists
             rec = row["impls"][base]
-            assert rec["ok"] and set(rec["ms"]) >= {"fwd+bwd"}, (base, rec)
+            assert rec["ok"] and set(rec["ms"]) == set(bench.PASSES), (base, rec)
             assert math.isfinite(row["speedup_vs"][base]["fwd+bwd"])
+    assert set(saved["attention"][0]["impls"]["triton"]["configs"]) == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
     # cuDNN attention cannot run on CPU tensors: reported, not raised.
     cudnn = saved["attention"][0]["impls"]["sdpa_cudnn"]
     assert cudnn["error"] and cudnn["ms"] == {}
     assert saved["attention"][0]["speedup_vs"]["sdpa_cudnn"]["fwd"] is None
-    assert "Attention, bf16" in printed and "RMSNorm, bf16" in printed and "n/a" in printed
-    assert "FAIL" not in printed
+    assert "Attention, bf16" in printed and "RMSNorm, bf16" in printed and "QK-norm + RoPE" in printed
+    assert "n/a" in printed and "FAIL" not in printed
+
+
+def test_sample_section_dry_run(cpu_bench, monkeypatch, capsys):
+    """The sampler section times the denoising loop of each backend (eager only here: compiling
+    on CPU takes minutes) and judges the best Triton time against the bar."""
+    monkeypatch.setattr(bench, "SAMPLE_CONFIG", ("tiny", 2, 2.0))
+    monkeypatch.setattr(bench, "SAMPLE_VARIANTS", [("torch", False), ("triton", False)])
+    out = bench.run(bench.parse_args(["--only", "sample"]), wall_timer)
+    assert "Sampler: tiny" in capsys.readouterr().out
+    for v in out["sample"]["variants"]:
+        assert v["error"] is None and v["denoise_s"] > 0 and v["warmup_s"] > 0, v
+    (verdict,) = out["targets"]
+    assert verdict["section"] == "sample" and verdict["verdict"] in ("met", "missed")
 
 
 def test_bench_refuses_bad_out_dir_before_running(tmp_path, capsys):
@@ -95,8 +108,8 @@ def test_shape_selection(capsys):
 
 
 def test_step_section_dry_run(cpu_bench, monkeypatch, capsys):
-    """Both kernel paths run whole training steps of the same tiny model; before timing, the
-    kernel path's model outputs match the reference path's (and are not bit-equal: it ran)."""
+    """Both backends run whole training steps of the same tiny model; before timing, the
+    Triton backend's model outputs match the torch backend's (and are not bit-equal: it ran)."""
     monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, {"res": 16})])
     out = bench.run(bench.parse_args(["--only", "step", "--step-iters", "2"]), wall_timer)
     printed = capsys.readouterr().out
@@ -106,7 +119,7 @@ def test_step_section_dry_run(cpu_bench, monkeypatch, capsys):
     # tiny at 16 px, patch 4: 24 text + 2 x 16 image/depth tokens; width 96, 3 layers of each kind
     assert row["seq"] == 24 + 2 * 16 and row["head_dim"] == 32
     assert row["step_flops"] > 0
-    assert [(v["kernels"], v["compile"]) for v in row["variants"]] == [("torch", False), ("triton", False)]
+    assert [(v["backend"], v["compile"]) for v in row["variants"]] == [("torch", False), ("triton", False)]
     for v in row["variants"]:
         assert v["error"] is None and v["ms"] > 0 and v["tokens_per_s"] > 0, v
         prof = v["profile"]
@@ -114,7 +127,7 @@ def test_step_section_dry_run(cpu_bench, monkeypatch, capsys):
         assert abs(sum(prof["split_pct"].values()) - 100) < 1e-6
     torch_path, triton = row["variants"]
     assert torch_path["out_rel_err"] == 0
-    # fp32 on CPU: the kernel path gives the reference's outputs, not bit-equal ones (it ran).
+    # fp32 on CPU: the Triton backend gives the reference's outputs, not bit-equal ones (it ran).
     assert 0 < triton["out_rel_err"] < 1e-5
     assert math.isfinite(triton["speedup_vs_torch"])
     assert "Training step" in printed
@@ -127,35 +140,40 @@ def test_step_section_compiled_dry_run(cpu_bench, monkeypatch):
     monkeypatch.setattr(bench, "STEP_CONFIGS", [("tiny", 2, {"res": 16}), ("tiny", 1, {"res": 8})])
     out = bench.run(bench.parse_args(["--only", "step", "--step-iters", "2", "--step-compile"]), wall_timer)
     for row in out["step"]:
-        assert [(v["kernels"], v["compile"]) for v in row["variants"]] == [
+        assert [(v["backend"], v["compile"]) for v in row["variants"]] == [
             ("torch", False), ("triton", False), ("torch", True), ("triton", True)]
         for v in row["variants"]:
             assert v["error"] is None and v["ms"] > 0, v
             assert v["out_rel_err"] < 1e-5
 
 
-def _fake_row(speedups: dict, ok: bool = True, **extra) -> dict:
-    return {"shape": [1, 2, 3, 4], "impls": {"triton": {"ok": ok, "pct_ceiling": {"fwd": 90.0}}},
+def _fake_row(speedups: dict, ok: bool = True, D: int = 64, **extra) -> dict:
+    return {"shape": [1, 2, 3, D], "impls": {"triton": {"ok": ok, "pct_ceiling": {"fwd": 90.0}}},
             "speedup_vs": speedups, **extra}
 
 
 def test_judge_verdicts():
     out = {"attention": [
-        _fake_row({"sdpa_flash": {"fwd": 1.25, "bwd": 0.8, "fwd+bwd": None},
-                   "sdpa_cudnn": {"fwd": 0.85}}),
-        _fake_row({"sdpa_flash": {"fwd": 2.0, "bwd": 2.0, "fwd+bwd": 2.0}, "sdpa_cudnn": {"fwd": 2.0}}, ok=False),
+        _fake_row({"sdpa_cudnn": {"fwd": 1.05, "bwd": 0.8, "fwd+bwd": None}}),
+        _fake_row({"sdpa_cudnn": {"fwd": 0.95, "bwd": 2.0, "fwd+bwd": 2.0}}, D=128),
+        _fake_row({"sdpa_cudnn": {"fwd": 2.0, "bwd": 2.0, "fwd+bwd": 2.0}}, ok=False),
     ], "rmsnorm": [
-        _fake_row({"compile": {"fwd": 1.0, "fwd+bwd": 0.99}}),
+        _fake_row({"compile": {"fwd+bwd": 1.1}}),
         _fake_row({"compile": {"fwd": 9.0, "fwd+bwd": 9.0}}, cuda_graph=True),
-    ]}
-    verdicts = bench.judge(out)
-    first = [v["verdict"] for v in verdicts if v["section"] == "attention"][::2]
-    failed = [v["verdict"] for v in verdicts if v["section"] == "attention"][1::2]
-    assert first == ["met", "missed", "not measured", "missed"]  # fwd flash, fwd cudnn, fwd+bwd, bwd
-    assert failed == ["missed"] * 4  # fast but wrong is missed
-    rms = [(v["pass"], v["measure"], v["verdict"]) for v in verdicts if v["section"] == "rmsnorm"]
-    assert rms == [("fwd", "pct_ceiling", "met"), ("fwd+bwd", "pct_ceiling", "not measured"),
-                   ("fwd", "compile", "met"), ("fwd+bwd", "compile", "missed")]  # graph row skipped
+    ], "step": [{"config": "base", "variants": [
+        {"backend": "triton", "compile": True, "mfu_pct": 41.0, "speedup_vs_torch": 0.9}]}],
+        "sample": {"preset": "base", "variants": [{"backend": "triton", "denoise_s": 0.4},
+                                                  {"backend": "torch", "denoise_s": 0.1}]}}
+    got = [(v["section"], v["target"].split(" >=")[0], v["verdict"]) for v in bench.judge(out)]
+    assert got == [
+        ("attention", "fwd", "met"), ("attention", "fwd", "missed"),  # D=64: bar 1.0; fast but wrong is missed
+        ("attention", "fwd", "met"),  # D=128: 0.95 >= 0.9
+        ("attention", "bwd", "missed"), ("attention", "bwd", "met"), ("attention", "bwd", "missed"),
+        ("attention", "fwd+bwd", "not measured"), ("attention", "fwd+bwd", "met"), ("attention", "fwd+bwd", "missed"),
+        ("rmsnorm", "fwd", "met"), ("rmsnorm", "fwd+bwd", "not measured"), ("rmsnorm", "fwd+bwd", "missed"),
+        ("step", "MFU", "met"), ("step", ">= 1 x compiled torch backend", "missed"),
+        ("sample", "denoise <= 0.5 s", "met"),  # the best Triton-backend time counts
+    ]
 
 
 @pytest.mark.parametrize("name, category", [

@@ -5,6 +5,8 @@ through the Triton interpreter on CPU tensors; with a GPU present the tests also
 Every check compares against a float64 PyTorch computation with the relative error
 ‖out − ref‖ / ‖ref‖ (1e-4 for fp32, 2e-2 for bf16/fp16). All kernel-written buffers are pre-filled
 with NaN (the ``kernels._common.POISON`` hook), so an element the kernel forgets to write shows up.
+The tests call the Triton path explicitly: the kernel modules' functions, or the public
+``kernels.*`` functions with the "triton" backend (the default sends CPU tensors to the reference).
 
 Interpreter notes: it costs ~1 ms per program instance, so batch·heads stay at 2 and lengths
 small. Its fp32→bf16 cast truncates instead of rounding to nearest (measured: twice the mean
@@ -13,20 +15,14 @@ rounding error of torch's cast), so bf16 errors here run larger than on a GPU; s
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
 import kernels
-
-attn_mod = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
-rms_mod = importlib.import_module("kernels.rmsnorm")
-kernels_common = importlib.import_module("kernels._common")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+import kernels.flash_attention as fa
+from kernels import INTERPRET, _common, rmsnorm
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
@@ -37,7 +33,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def _poison_and_seed(monkeypatch):
-    monkeypatch.setattr(kernels_common, "POISON", True)
+    monkeypatch.setattr(_common, "POISON", True)
     torch.manual_seed(0)
 
 
@@ -56,12 +52,21 @@ def _pin_gpu_configs(request, monkeypatch):
         return
     import triton
     pins = {
-        attn_mod._attn_fwd: {"BLOCK_M": 64, "BLOCK_N": 32},
-        attn_mod._attn_bwd_dkdv: {"BLOCK_N": 64, "BLOCK_M": 32},
-        attn_mod._attn_bwd_dq: {"BLOCK_M": 64, "BLOCK_N": 32},
+        fa._attn_fwd: {"BLOCK_M": 64, "BLOCK_N": 32},
+        fa._attn_bwd_dkdv: {"BLOCK_N": 64, "BLOCK_M": 32},
+        fa._attn_bwd_dq: {"BLOCK_M": 64, "BLOCK_N": 32},
     }
     for kernel, blocks in pins.items():
         monkeypatch.setattr(kernel, "configs", [triton.Config(blocks, num_warps=4, num_stages=2)])
+
+
+@pytest.fixture
+def triton_backend():
+    """The public ``kernels.*`` functions on the Triton path (by default CPU tensors take the
+    PyTorch reference)."""
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,9 +99,9 @@ def rand_qkv(b, h, s_q, s_k, d, dtype, device):
     return q, k, v, do
 
 
-def check_attention(q, k, v, do, scale=None, dq_atomic=False, tol=None):
-    o, lse = attn_mod.attention_forward(q, k, v, scale)
-    dq, dk, dv = attn_mod.attention_backward(do, q, k, v, o, lse, scale, dq_atomic)
+def check_attention(q, k, v, do, scale=None, tol=None):
+    o, lse = fa.attention_forward(q, k, v, scale)
+    dq, dk, dv = fa.attention_backward(do, q, k, v, o, lse, scale)
     o_r, lse_r, dq_r, dk_r, dv_r = attn_ref64(q, k, v, do, scale)
     tol = TOL[q.dtype] if tol is None else tol
     assert o.dtype == q.dtype and dq.dtype == dk.dtype == dv.dtype == q.dtype
@@ -142,6 +147,7 @@ def test_attention_different_q_kv_lengths(device, s_q, s_k):
     check_attention(q, k, v, do)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("s,dtype", [(100, torch.float32), (33, torch.bfloat16)])
 def test_attention_head_dim_128(device, s, dtype):
@@ -156,14 +162,6 @@ def test_attention_fp16_and_custom_scale(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("s,dtype", [(100, torch.float32), (64, torch.float32), (17, torch.bfloat16)])
-def test_attention_atomic_dq(device, s, dtype):
-    # Ragged S exercises the key mask that only the atomic path needs.
-    q, k, v, do = rand_qkv(1, 2, s, s, 32, dtype, device)
-    check_attention(q, k, v, do, dq_atomic=True)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_attention_large_logits_stay_finite(device):
     # Scaled scores with std ~64 (max ~200) overflow exp/exp2 in fp32 without the running max;
     # the NaN/inf check in rel_err and the fp64 comparison both catch that. (Much larger logits
@@ -173,12 +171,11 @@ def test_attention_large_logits_stay_finite(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dq_atomic", [False, True])
 # The interpreter (numpy) reports the overflow in the padded key rows of the dK/dV pass; those
 # rows are never stored, which is exactly what the fp64 comparison verifies.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_attention_very_negative_scores(device, dq_atomic):
+def test_attention_very_negative_scores(device):
     # Every score near -140 (q = -5u, k = 5u + noise) puts the natural LSE near -140, so a padded
     # key (k = 0, score 0) would get p = exp(140) = inf in fp32 unless the ragged tail is masked;
     # inf · 0 then turns dQ into NaN. S = 23 is ragged for every block size in use. What this
@@ -190,13 +187,13 @@ def test_attention_very_negative_scores(device, dq_atomic):
     k = (5.0 * u + 0.3 * torch.randn(b, h, s, d, device=device))
     v = torch.randn(b, h, s, d, device=device)
     do = torch.randn(b, h, s, d, device=device)
-    check_attention(q, k, v, do, dq_atomic=dq_atomic, tol=1e-3)
+    check_attention(q, k, v, do, tol=1e-3)
     _, lse_r, _, _, _ = attn_ref64(q, k, v, do)
     assert lse_r.max() < -90.0, "test setup: scores not negative enough to overflow exp"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attention_strided_views_and_expanded_grad(device):
+def test_attention_strided_views_and_expanded_grad(device, triton_backend):
     # q, k, v as views into a packed (B, S, 3, H, D) projection: non-contiguous (B, H, S, D)
     # strides must be honoured without copies. loss = o.sum() hands backward a stride-0 dO.
     b, s, h, d = 2, 37, 1, 32
@@ -206,13 +203,13 @@ def test_attention_strided_views_and_expanded_grad(device):
     kernels.attention(q, k, v).sum().backward()
     grad = qkv.grad
     qkv64 = qkv.detach().double().requires_grad_()
-    attn_mod.attention_reference(*qkv64.permute(2, 0, 3, 1, 4).unbind(0)).sum().backward()
+    fa.attention_reference(*qkv64.permute(2, 0, 3, 1, 4).unbind(0)).sum().backward()
     assert rel_err(grad, qkv64.grad) <= 1e-4
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dq_atomic", [False, True])
-def test_attention_every_operand_its_own_layout(device, dq_atomic):
+def test_attention_every_operand_its_own_layout(device):
     # Each operand gets different batch/head/sequence strides (and dO a non-unit last-dim
     # stride), with B, H >= 2 so that every stride is multiplied by a non-zero index: reading
     # one tensor with another's strides cannot pass. The model's own case is like this: q and k
@@ -224,7 +221,7 @@ def test_attention_every_operand_its_own_layout(device, dq_atomic):
     do = torch.randn(b, h, d, s, device=device).transpose(-1, -2)
     strides = {t.stride() for t in (q, k, v, do)}
     assert len(strides) == 4 and do.stride(-1) != 1
-    check_attention(q, k, v, do, dq_atomic=dq_atomic)
+    check_attention(q, k, v, do)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -233,16 +230,16 @@ def test_attention_autotuned_configs_cuda(full_autotune, s, d):
     # The production path: whatever config the autotuner picks must be correct too.
     q, k, v, do = rand_qkv(2, 2, s, s, d, torch.bfloat16, "cuda")
     check_attention(q, k, v, do)
-    check_attention(q, k, v, do, dq_atomic=True)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_autograd_and_determinism(device):
     q, k, v, do = rand_qkv(1, 2, 45, 45, 16, torch.bfloat16, device)
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attn_mod.flash_attention(*leaves)
+        out = fa.flash_attention(*leaves)
         out.backward(do)
         grads.append([t.grad for t in leaves])
     _, _, dq_r, dk_r, dv_r = attn_ref64(q, k, v, do)
@@ -256,12 +253,12 @@ def test_attention_autograd_and_determinism(device):
 def test_autotune_pruning():
     """The GPU-only pruning rule (never run by the interpreter, which has one config)."""
     import triton
-    prune = attn_mod._prune("BLOCK_M", "BLOCK_N", 1)
+    prune = fa._prune("BLOCK_M", "BLOCK_N", 1)
 
     def cfg(m, n, warps, stages):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
 
-    # Byte counts as Triton 3.6 allocates them (kernels/aot.py --all), D = 128:
+    # Byte counts as Triton 3.6 allocates them (tools/aot.py --all), D = 128:
     fits = cfg(128, 128, 8, 3)       # 2·128·(128 + 3·2·128) B = 224 KiB ≤ 227 KiB
     too_big = cfg(128, 128, 8, 4)    # 2·128·(128 + 4·2·128) B = 288 KiB
     small_8_warps = cfg(64, 64, 8, 2)
@@ -269,7 +266,7 @@ def test_autotune_pruning():
     assert prune([fits, too_big, small_8_warps, narrow], {}, HEAD_DIM=128) == [fits, narrow]
     assert prune([too_big], {}, HEAD_DIM=64) == [too_big]  # 144 KiB at D = 64
     # Two resident operands (the backward kernels): 2·128·(2·128 + 3·2·128) B = 256 KiB.
-    assert attn_mod._prune("BLOCK_M", "BLOCK_N", 2)([fits, narrow], {}, HEAD_DIM=128) == [narrow]
+    assert fa._prune("BLOCK_M", "BLOCK_N", 2)([fits, narrow], {}, HEAD_DIM=128) == [narrow]
     # Nothing left: fall back to the first config rather than give the autotuner an empty list.
     assert prune([small_8_warps], {}, HEAD_DIM=64) == [small_8_warps]
 
@@ -277,22 +274,22 @@ def test_autotune_pruning():
 def test_attention_rejects_unsupported_inputs():
     q = torch.randn(1, 1, 8, 48)
     with pytest.raises(ValueError, match="head dim"):
-        attn_mod.attention_forward(q, q, q)
+        fa.attention_forward(q, q, q)
     q8 = torch.randn(1, 1, 8, 8)  # a power of two, but below the tl.dot minimum we support
     with pytest.raises(ValueError, match="head dim"):
-        attn_mod.attention_forward(q8, q8, q8)
+        fa.attention_forward(q8, q8, q8)
     q = torch.randn(1, 1, 8, 16)
     with pytest.raises(ValueError, match="dtype"):
-        attn_mod.attention_forward(q, q.double(), q)
+        fa.attention_forward(q, q.double(), q)
     with pytest.raises(ValueError, match="positive"):
-        attn_mod.attention_forward(q, q, q, scale=-1.0)
+        fa.attention_forward(q, q, q, scale=-1.0)
     with pytest.raises(ValueError):
-        attn_mod.attention_forward(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        fa.attention_forward(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
     # Through the public wrapper, which reads D to resolve the default scale: still ValueErrors.
     empty_d = torch.randn(1, 1, 8, 0)
     for bad in ((empty_d, empty_d, empty_d), (torch.randn(()), q, q), (q, None, q)):
         with pytest.raises(ValueError):
-            attn_mod.flash_attention(*bad)
+            fa.flash_attention(*bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,8 +306,8 @@ def rms_ref64(x, w, dy, eps=1e-6):
 
 def check_rms_norm(x, w, eps=1e-6):
     dy = torch.randn_like(x)
-    y, rstd = rms_mod.rms_norm_forward(x, w, eps)
-    dx, dw = rms_mod.rms_norm_backward(dy, x, w, rstd)
+    y, rstd = rmsnorm.rms_norm_forward(x, w, eps)
+    dx, dw = rmsnorm.rms_norm_backward(dy, x, w, rstd)
     y_r, rstd_r, dx_r, dw_r = rms_ref64(x, w, dy, eps)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert dx.shape == x.shape and dx.dtype == x.dtype
@@ -345,23 +342,25 @@ def test_rms_norm_matches_fp64(device, shape, dtype):
     check_rms_norm(x, w)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [64, 1024])
 def test_rms_norm_partial_dw_loop(device, n):
     # More row blocks than partial-dw programs, so each program loops several times and the
     # second-stage sum has to combine the per-program rows correctly.
-    block_n, block_rows, _ = rms_mod._launch_params(n)
-    n_blocks_wanted = 3 * rms_mod._num_partials(10 ** 9, torch.device(device)) + 1
+    block_n, block_rows, _ = rmsnorm._launch_params(n)
+    n_blocks_wanted = 3 * rmsnorm._num_partials(10 ** 9, torch.device(device)) + 1
     rows = n_blocks_wanted * block_rows - 3  # and a partial last block
     if device == "cuda":
         rows = min(rows, 1 << 20)
     x = torch.randn(rows, n, device=device)
     w = 1.0 + 0.5 * torch.randn(n, device=device)
-    n_prog = rms_mod._num_partials(-(-rows // block_rows), x.device)
+    n_prog = rmsnorm._num_partials(-(-rows // block_rows), x.device)
     assert -(-rows // block_rows) > n_prog
     check_rms_norm(x, w)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_bf16_input_fp32_weight_and_strided_rows(device):
     # Autocast-style mix: bf16 activations, fp32 weight; rows taken from a wider buffer so the
@@ -374,7 +373,7 @@ def test_rms_norm_bf16_input_fp32_weight_and_strided_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rms_norm_autograd(device):
+def test_rms_norm_autograd(device, triton_backend):
     x = torch.randn(3, 5, 96, device=device, requires_grad=True)
     w = (1.0 + 0.5 * torch.randn(96, device=device)).requires_grad_()
     dy = torch.randn(3, 5, 96, device=device)
@@ -388,7 +387,7 @@ def test_rms_norm_reference_twin_matches_fp64():
     x = torch.randn(4, 7, 100).to(torch.bfloat16)
     w = torch.randn(100)
     y_r, _, _, _ = rms_ref64(x, w, torch.ones_like(x))
-    y = rms_mod.rms_norm_reference(x, w)
+    y = rmsnorm.rms_norm_reference(x, w)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, y_r) <= 2e-2
 
@@ -402,7 +401,7 @@ def test_rms_norm_reference_twin_matches_fp64():
 ])
 def test_rms_norm_rejects_bad_input(x, w):
     with pytest.raises(ValueError):
-        rms_mod.triton_rms_norm(x, w)
+        rmsnorm.triton_rms_norm(x, w)
 
 
 # ------------------------------------------------------------------------------------------
@@ -412,18 +411,19 @@ def test_rms_norm_rejects_bad_input(x, w):
 def test_custom_ops_pass_opcheck(device):
     """Schema, fake (shape-only) twins and real kernels agree, as torch.compile assumes."""
     q, k, v, do = rand_qkv(1, 2, 17, 9, 32, torch.float32, device)
-    o, lse = attn_mod.attention_forward(q, k, v, 0.3)
-    torch.library.opcheck(attn_mod._fwd_op, (q, k, v, 0.3))
-    torch.library.opcheck(attn_mod._bwd_op, (do, q, k, v, o, lse, 0.3, False))
+    o, lse = fa.attention_forward(q, k, v, 0.3)
+    torch.library.opcheck(fa._fwd_op, (q, k, v, 0.3))
+    torch.library.opcheck(fa._bwd_op, (do, q, k, v, o, lse, 0.3))
     x = torch.randn(3, 5, 48, device=device).to(torch.bfloat16)
     w = torch.randn(48, device=device)
-    y, rstd = rms_mod.rms_norm_forward(x, w, 1e-6)
-    torch.library.opcheck(rms_mod._fwd_op, (x, w, 1e-6))
-    torch.library.opcheck(rms_mod._bwd_op, (torch.randn_like(x), x, w, rstd))
+    y, rstd = rmsnorm.rms_norm_forward(x, w, 1e-6)
+    torch.library.opcheck(rmsnorm._fwd_op, (x, w, 1e-6))
+    torch.library.opcheck(rmsnorm._bwd_op, (torch.randn_like(x), x, w, rstd))
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_graph_matches_eager(device):
+def test_compiled_graph_matches_eager(device, triton_backend):
     """fullgraph=True fails on any graph break, e.g. Dynamo tracing into a Triton launch."""
     import torch._dynamo
     q, k, v, do = rand_qkv(1, 2, 17, 17, 32, torch.float32, device)
@@ -447,36 +447,60 @@ def test_compiled_graph_matches_eager(device):
 # ------------------------------------------------------------------------------------------
 # Dispatch in kernels/__init__.py
 # ------------------------------------------------------------------------------------------
-def test_dispatch_uses_reference_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(2, 3, 64)
-    assert not kernels._use_triton(x)
-
-    def boom(*args, **kwargs):
-        raise AssertionError("Triton path taken")
-
-    monkeypatch.setattr(kernels, "flash_attention", boom)
-    monkeypatch.setattr(kernels, "triton_rms_norm", boom)
-    q, k, v, _ = rand_qkv(1, 2, 9, 9, 24, torch.float32, "cpu")  # D=24 fine for the reference
-    assert torch.equal(kernels.attention(q, k, v), attn_mod.attention_reference(q, k, v))
-    assert torch.equal(kernels.attention(q, k, v, scale=0.5), attn_mod.attention_reference(q, k, v, 0.5))
-    w = torch.randn(64)
-    assert torch.equal(kernels.rms_norm(x, w, 1e-5), rms_mod.rms_norm_reference(x, w, 1e-5))
-
-
-def test_dispatch_uses_triton_under_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x = torch.randn(2, 64)
-    assert kernels._use_triton(x)
+@pytest.fixture
+def spy(monkeypatch):
+    """Replace the Triton functions the dispatcher calls by recorders; returns the call list."""
     calls = []
-    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append("attn"))
-    monkeypatch.setattr(kernels, "triton_rms_norm", lambda *a, **kw: calls.append("rms"))
+    monkeypatch.setattr(fa, "flash_attention", lambda *a, **kw: calls.append("attn"))
+    monkeypatch.setattr(rmsnorm, "triton_rms_norm", lambda *a, **kw: calls.append("rms"))
+    yield calls
+    kernels.set_backend("auto")
+
+
+@pytest.mark.parametrize("mode", ["auto", "torch"])
+def test_dispatch_runs_the_reference_on_cpu(spy, mode):
+    # "auto" means the reference for CPU tensors, even with the interpreter available.
+    kernels.set_backend(mode)
+    x = torch.randn(2, 3, 64)
+    q, k, v, _ = rand_qkv(1, 2, 9, 9, 24, torch.float32, "cpu")  # D=24 fine for the reference
+    assert torch.equal(kernels.attention(q, k, v), fa.attention_reference(q, k, v))
+    assert torch.equal(kernels.attention(q, k, v, scale=0.5), fa.attention_reference(q, k, v, 0.5))
+    w = torch.randn(64)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_reference(x, w, 1e-5))
+    assert spy == []
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")
+def test_dispatch_forced_triton_under_interpreter(spy):
+    kernels.set_backend("triton", torch.device("cpu"))
+    x = torch.randn(2, 64)
     kernels.attention(x[None, None], x[None, None], x[None, None])
     kernels.rms_norm(x, torch.ones(64))
-    assert calls == ["attn", "rms"]
+    assert spy == ["attn", "rms"]
 
 
+def test_dispatch_forced_triton_where_it_cannot_run(spy, monkeypatch):
+    # Without CUDA or the interpreter the reference would run quietly: refuse instead.
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.set_backend("triton", torch.device("cpu"))
+    assert kernels.BACKEND == "auto"
+    kernels.set_backend("triton")  # no device given: checked at the call
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.rms_norm(torch.randn(2, 8), torch.ones(8))
+    assert spy == []
+
+
+def test_set_backend_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        kernels.set_backend("cuda")
+    assert kernels.BACKEND == "auto"
+
+
+@pytest.mark.gpu_check
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_dispatch_uses_triton_on_cuda(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kernels._use_triton(torch.randn(2, device="cuda"))
+def test_dispatch_auto_runs_triton_on_cuda(spy):
+    x = torch.randn(2, 64, device="cuda")
+    kernels.attention(x[None, None], x[None, None], x[None, None])
+    kernels.rms_norm(x, torch.ones(64, device="cuda"))
+    assert spy == ["attn", "rms"]

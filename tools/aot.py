@@ -14,15 +14,14 @@ integer equal to 1 (the unit stride of the last dim) becomes a compile-time cons
 that the compiler cannot prove contiguity and emits scalar, unpipelined loads: a different
 kernel from the one the GPU runs.
 
-    python kernels/aot.py                  # sm_90 (H100/H200), one config per kernel
-    python kernels/aot.py --all --arch 90  # every autotune config that survives pruning
+    python tools/aot.py                  # sm_90 (H100/H200), one config per kernel
+    python tools/aot.py --all --arch 90  # every autotune config that survives pruning
 
 Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compiled).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import subprocess
@@ -37,8 +36,12 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+import kernels.flash_attention as fa  # noqa: E402
+from kernels import INTERPRET, rmsnorm  # noqa: E402
+
 # Pointer arguments by name: fp32 buffers (statistics and partial sums); every other pointer bf16.
-FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "RSTD", "DW_PARTIAL"}
+FP32_POINTERS = {"LSE", "DELTA", "RSTD", "DW_PARTIAL"}
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X", "W", "Y", "DY", "DX"}
 FLOATS = {"qk_scale", "sm_scale", "eps"}
 # Representative launch: contiguous (B, H, S, D) attention tensors with a ragged S (no
@@ -114,25 +117,21 @@ def compile_one(obj, constexprs: dict, dims: dict, arch: int, num_warps: int, nu
 
 def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
     """(kernel object, constexprs, dims, num_warps, num_stages) as the wrappers launch them on a GPU."""
-    attn = importlib.import_module("kernels.attention")
-    rms = importlib.import_module("kernels.rmsnorm")
     common = {"UPCAST": False, "PREC": "tf32"}  # bf16 operands, as _dot_flags gives on a GPU
     for d in head_dims:
-        # Flags as the heuristics set them for the ragged S of ATTN_DIMS; the atomic-dQ variant of
-        # the dK/dV kernel is a different kernel (it also masks keys and adds into dQ).
-        for tuner, flags in ((attn._attn_fwd, {"EVEN_K": False}),
-                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": False, "ATOMIC_DQ": False}),
-                             (attn._attn_bwd_dkdv, {"EVEN_Q": False, "MASK_K": True, "ATOMIC_DQ": True}),
-                             (attn._attn_bwd_dq, {"EVEN_K": False})):
+        # Flags as the heuristics set them for the ragged S of ATTN_DIMS.
+        for tuner, flags in ((fa._attn_fwd, {"EVEN_K": False}),
+                             (fa._attn_bwd_dkdv, {"EVEN_Q": False}),
+                             (fa._attn_bwd_dq, {"EVEN_K": False})):
             configs = tuner.early_config_prune(tuner.configs, {"HEAD_DIM": d}) if tuner.early_config_prune \
                 else tuner.configs
             for cfg in configs if all_configs else configs[:1]:
                 yield (tuner, {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}, {**ATTN_DIMS, "D": d},
                        cfg.num_warps, cfg.num_stages)
-        yield attn._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, {**ATTN_DIMS, "D": d}, 4, 3
+        yield fa._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, {**ATTN_DIMS, "D": d}, 4, 3
     for n in rms_widths:
-        block_n, block_rows, warps = rms._launch_params(n)
-        for kernel in (rms._rms_norm_fwd_kernel, rms._rms_norm_bwd_kernel):
+        block_n, block_rows, warps = rmsnorm._launch_params(n)
+        for kernel in (rmsnorm._rms_norm_fwd_kernel, rmsnorm._rms_norm_bwd_kernel):
             yield kernel, {"BLOCK_ROWS": block_rows, "BLOCK_N": block_n}, {"M": RMS_ROWS, "N": n}, warps, 3
 
 
@@ -141,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
     p.add_argument("--all", action="store_true", help="every autotune config, not just the first")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         print("aot.py: unset TRITON_INTERPRET (the interpreter does not compile kernels)", file=sys.stderr)
         return 2
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(f"{'kernel':<30} {'config':<58} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} "
           f"{'async':>5} {'v4':>3} {'s':>5}")
     yes = {True: "yes", False: "no"}

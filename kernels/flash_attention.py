@@ -40,25 +40,25 @@ The softmax Jacobian gives ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``. The row
 something we can get without P: ``Σ_k P_ik dP_ik = Σ_k P_ik Σ_d dO_id V_kd = Σ_d dO_id O_id``,
 so a cheap preprocess kernel computes ``Δ = rowsum(dO ∘ O)`` once.
 
-Two passes then produce the gradients without any atomics (deterministic, the default):
+Two passes then produce the gradients without atomics, so the result is deterministic:
 
 * dK/dV pass: a program owns BLOCK_N key rows and loops over all query tiles, recomputing
   ``Pᵀ`` from (Q, K, L) and accumulating dK and dV in fp32 registers.
 * dQ pass: a program owns BLOCK_M query rows and loops over all key tiles, recomputing P and dP
   and accumulating dQ.
 
-This recomputes QKᵀ and dO Vᵀ twice (7 GEMM-sized products instead of 5). The alternative,
-``dq_atomic=True``, adds each tile's ``c · dS K`` into an fp32 dQ buffer with atomics inside the
-dK/dV pass (5 products, but the summation order is nondeterministic). Which one is faster on
-H100/H200 has not been measured yet (see BENCHMARKS.md).
+The price is recomputing QKᵀ and dO Vᵀ in both passes (7 GEMM-sized products instead of 5).
 
 Ragged lengths
 --------------
 Any S ≥ 1 works. Only the last key tile (forward, dQ pass) or the last query tile (dK/dV pass)
 can be partial, so loops run over the full tiles without masks and a separate, masked tail step
 runs only when the length is not a multiple of the tile (the ``EVEN_*`` constexpr flags decide at
-compile time, so even lengths carry no masking cost at all). Out-of-range query rows are loaded as
+compile time, so even lengths carry no masking cost at all). Out-of-range rows are loaded as
 zeros and never stored.
+
+Every kernel first advances its base pointers to its (batch, head) slice; loads and stores then
+index only within that slice.
 
 Precision: bf16/fp16/fp32 inputs, fp32 accumulation and softmax statistics, output in the input
 dtype. fp32 inputs use IEEE fp32 dots (not TF32) so fp32 results can be checked at 1e-4.
@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import alloc, eager_or_op, interpreting, kernel_op
+from ._common import INTERPRET, alloc, eager_or_op, kernel_op
 
 __all__ = [
     "flash_attention",
@@ -81,23 +81,24 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "FlashAttentionFunction",
+    "SUPPORTED_HEAD_DIMS",
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): converts exp(x) into exp2(x · LOG2E)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-
-# Triton picks interpreter vs. compiler when a kernel is decorated, so the config lists are fixed
-# at import time as well. Autotuning under the interpreter would run every config at ~1 ms per
-# program, so there we use a single small config with BLOCK_M != BLOCK_N (catches mixed-up
-# block sizes) and small enough that the test lengths exercise both full tiles and tails.
-_INTERPRET_AT_IMPORT = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
 # Autotune spaces
 # --------------------------------------------------------------------------------------------
 def _configs(block_a: str, a_vals, block_b: str, b_vals, stages, warps, interp_a: int, interp_b: int):
-    if _INTERPRET_AT_IMPORT:
+    """The autotune space; under the interpreter one small config instead.
+
+    Autotuning in the interpreter would run every config at ~1 ms per program. Its one config has
+    BLOCK_M != BLOCK_N (catches mixed-up block sizes) and is small enough that the test lengths
+    exercise both full tiles and tails.
+    """
+    if INTERPRET:
         return [triton.Config({block_a: interp_a, block_b: interp_b}, num_warps=4, num_stages=1)]
     return [
         triton.Config({block_a: a, block_b: b}, num_warps=w, num_stages=s)
@@ -110,10 +111,9 @@ def _prune(tile_a: str, tile_b: str, n_resident: int):
 
     ``tile_a`` is the program's own tile, ``n_resident`` how many D-wide operands of it stay in
     shared memory (Q → 1; K, V or Q, dO → 2); ``tile_b`` is the streamed tile, two operands per
-    step, with ``num_stages`` buffers each. The estimate (bf16 bytes) matches the allocation
-    Triton 3.6 reports for every config of the default path to within 1 KiB (`kernels/aot.py
-    --all`; the atomic-dQ variant takes 12-40 KiB more, all its configs still fit); configs above
-    the 227 KiB a block may opt into on H100/H200 would only fail at launch.
+    step, with ``num_stages`` buffers each. The estimate (bf16 bytes) follows the allocation
+    Triton 3.6 reports (``tools/aot.py --all``); configs above the 227 KiB a block may opt into
+    on H100/H200 would only fail at launch.
     """
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 128))
@@ -135,7 +135,7 @@ def _prune(tile_a: str, tile_b: str, n_resident: int):
 _FWD_CONFIGS = _configs("BLOCK_M", (64, 128), "BLOCK_N", (32, 64, 128), (2, 3, 4), (4, 8), 32, 16)
 _DKDV_CONFIGS = _configs("BLOCK_N", (64, 128), "BLOCK_M", (32, 64), (2, 3), (4, 8), 32, 16)
 _DQ_CONFIGS = _configs("BLOCK_M", (64, 128), "BLOCK_N", (32, 64), (2, 3), (4, 8), 32, 16)
-_PRE_BLOCK_M = 32 if _INTERPRET_AT_IMPORT else 64
+_PRE_BLOCK_M = 32 if INTERPRET else 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +196,7 @@ def _attn_fwd_kernel(
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
+    LSE += pid_bh.to(tl.int64) * S_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -228,7 +229,7 @@ def _attn_fwd_kernel(
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * S_Q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -243,56 +244,46 @@ def _attn_bwd_preprocess_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    O += b * stride_ob + h * stride_oh
+    DO += b * stride_db + h * stride_dh
+    DELTA += pid_bh.to(tl.int64) * S_Q
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
-    o = tl.load(O + b * stride_ob + h * stride_oh
-                + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+    o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh
-                 + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+    do = tl.load(DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
                  mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * S_Q + offs_m, delta, mask=row_ok)
+    tl.store(DELTA + offs_m, delta, mask=row_ok)
 
 
 @triton.jit
-def _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, row_ok, col_ok, qk_scale, sm_scale,
-                 DQ_ptrs, MASK_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+def _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale,
                  UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Accumulate one query tile's contribution into this program's dK, dV (BLOCK_N × D).
 
     Everything is computed transposed (keys along rows) so that dV += Pᵀ dO and dK += dSᵀ Q are
     plain products of the tiles as loaded. Padded query rows need no mask: they arrive with
     q = dO = 0 and L = Δ = 0, so their pT is exactly 1 and every product they enter is exactly 0.
+    Padded key rows (k = v = 0) may overflow pT, but only into their own dK/dV rows, which are
+    never stored.
     """
     sT = _dot(k, tl.trans(q), UPCAST, PREC)  # (BLOCK_N, BLOCK_M) raw scores
     pT = tl.math.exp2(sT * qk_scale - lse[None, :])
-    if MASK_K:
-        # Only needed for atomic dQ: padded key rows (k = 0) give pT = 2^(−L), which can overflow
-        # and would leak inf·0 = NaN into dQ through the dS K product.
-        pT = tl.where(col_ok[:, None], pT, 0.0)
     dv += _dot(pT.to(do.dtype), do, UPCAST, PREC)
     dpT = _dot(v, tl.trans(do), UPCAST, PREC)
     dsT = pT * (dpT - delta[None, :])
     dk += _dot(dsT.to(q.dtype), q, UPCAST, PREC)
-    if ATOMIC_DQ:
-        dq = _dot(tl.trans(dsT).to(k.dtype), k, UPCAST, PREC) * sm_scale
-        tl.atomic_add(DQ_ptrs, dq, mask=row_ok[:, None])
     return dk, dv
 
 
-@triton.heuristics({
-    "EVEN_Q": lambda args: args["S_Q"] % args["BLOCK_M"] == 0,
-    # In atomic mode a ragged S_k forces the key mask onto every step of every program (a
-    # compile-time choice, so even lengths and the default mode pay nothing).
-    "MASK_K": lambda args: bool(args["ATOMIC_DQ"]) and args["S_K"] % args["BLOCK_N"] != 0,
-})
+@triton.heuristics({"EVEN_Q": lambda args: args["S_Q"] % args["BLOCK_M"] == 0})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,  # inputs; LSE/DELTA fp32 (B*H, S_q)
     DK, DV,                   # outputs, (B, H, S_k, D) any strides
-    DQ_ACC,                   # fp32 (B*H, S_q, D) contiguous, only touched when ATOMIC_DQ
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -302,29 +293,27 @@ def _attn_bwd_dkdv_kernel(
     H, S_Q, S_K,
     qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_Q: tl.constexpr, MASK_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    EVEN_Q: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    bh = pid_bh.to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DO += b * stride_db + h * stride_dh
-    LSE += bh * S_Q
-    DELTA += bh * S_Q
-    DQ_ACC += bh * S_Q * HEAD_DIM
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += pid_bh.to(tl.int64) * S_Q
+    DELTA += pid_bh.to(tl.int64) * S_Q
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < S_K
 
-    # This program's keys/values stay in registers for the whole loop. Padded key rows load as 0;
-    # whatever their dK/dV rows accumulate stays in those rows, which are never stored.
+    # This program's keys/values stay in registers for the whole loop; padded key rows load as 0.
     k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -334,8 +323,6 @@ def _attn_bwd_dkdv_kernel(
 
     q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     do_ptrs = DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd
-    dq_ptrs = DQ_ACC + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    all_rows = offs_m < BLOCK_M
 
     m_full = (S_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
@@ -343,25 +330,19 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_ptrs + start_m * stride_ds)
         lse = tl.load(LSE + start_m + offs_m)
         delta = tl.load(DELTA + start_m + offs_m)
-        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, all_rows, col_ok, qk_scale,
-                              sm_scale, dq_ptrs + start_m * HEAD_DIM, MASK_K, ATOMIC_DQ,
-                              UPCAST, PREC)
+        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
     if not EVEN_Q:
         row_ok = (m_full + offs_m) < S_Q
         q = tl.load(q_ptrs + m_full * stride_qs, mask=row_ok[:, None], other=0.0)
         do = tl.load(do_ptrs + m_full * stride_ds, mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + m_full + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + m_full + offs_m, mask=row_ok, other=0.0)
-        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, row_ok, col_ok, qk_scale,
-                              sm_scale, dq_ptrs + m_full * HEAD_DIM, MASK_K, ATOMIC_DQ,
-                              UPCAST, PREC)
+        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
 
     dk *= sm_scale  # S = c·QKᵀ  ⇒  dK = c·dSᵀQ
-    tl.store(DK + b * stride_dkb + h * stride_dkh
-             + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+    tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh
-             + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+    tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -400,9 +381,13 @@ def _attn_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    bh = pid_bh.to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    DO += b * stride_db + h * stride_dh
+    DQ += b * stride_dqb + h * stride_dqh
+    LSE += pid_bh.to(tl.int64) * S_Q
+    DELTA += pid_bh.to(tl.int64) * S_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -411,17 +396,14 @@ def _attn_bwd_dq_kernel(
 
     # Padded query rows: q = dO = 0 and L = Δ = 0 give p = 1, dS = 0, so they stay finite and are
     # simply not stored.
-    q = tl.load(Q + b * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh
-                 + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+    do = tl.load(DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
                  mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * S_Q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * S_Q + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    kT_ptrs = K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
     vT_ptrs = V + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
     k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     no_mask = offs_n < BLOCK_N
@@ -440,8 +422,7 @@ def _attn_bwd_dq_kernel(
                          True, UPCAST, PREC)
 
     dq *= sm_scale  # S = c·QKᵀ  ⇒  dQ = c·dS K
-    tl.store(DQ + b * stride_dqb + h * stride_dqh
-             + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -452,10 +433,8 @@ _attn_fwd = triton.autotune(
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 1)},
 )(_attn_fwd_kernel)
 _attn_bwd_dkdv = triton.autotune(
-    _DKDV_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM", "ATOMIC_DQ"],
+    _DKDV_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", 2)},
-    # Benchmark runs would otherwise keep adding into the atomic dQ buffer.
-    reset_to_zero=["DQ_ACC"],
 )(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(
     _DQ_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
@@ -495,10 +474,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
 
 
 def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
-    upcast = interpreting()
     # fp32 I/O asks for true fp32 products; TF32 would cost ~1e-3 relative error.
-    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
-    return upcast, prec
+    prec = "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
+    return INTERPRET, prec
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -533,15 +511,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, scale: Optional[float] = None,
-                       dq_atomic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``attention_forward`` w.r.t. q, k, v.
+                       o: torch.Tensor, lse: torch.Tensor,
+                       scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_forward`` w.r.t. q, k, v (preprocess, dK/dV pass, dQ pass).
 
     Args:
         do: (B, H, S_q, D) upstream gradient (any strides, e.g. expanded); q, k, v, o as in and
             out of the forward; lse: (B, H, S_q) fp32 from the forward.
-        dq_atomic: accumulate dQ with fp32 atomics inside the dK/dV pass instead of running the
-            separate (deterministic) dQ pass.
     Returns:
         dq (B, H, S_q, D), dk, dv (B, H, S_k, D), contiguous, in the dtype of q.
     """
@@ -559,24 +535,16 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
     dk = alloc((B, H, S_k, D), q.dtype, dev)
     dv = alloc((B, H, S_k, D), q.dtype, dev)
-    if dq_atomic:
-        # The accumulator must start at zero (never poisoned): it is summed into, not written.
-        dq_acc = torch.zeros((B, H, S_q, D), dtype=torch.float32, device=dev)
-    else:
-        dq_acc = torch.zeros((1,), dtype=torch.float32, device=dev)  # unused placeholder
 
     def grid_kv(meta):
         return (triton.cdiv(S_k, meta["BLOCK_N"]), B * H)
 
     _attn_bwd_dkdv[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, dq_acc,
+        q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, S_q, S_k, scale * LOG2E, scale,
-        HEAD_DIM=D, ATOMIC_DQ=dq_atomic, UPCAST=upcast, PREC=prec,
+        HEAD_DIM=D, UPCAST=upcast, PREC=prec,
     )
-
-    if dq_atomic:
-        return dq_acc.to(q.dtype), dk, dv
 
     dq = alloc((B, H, S_q, D), q.dtype, dev)
 
@@ -599,45 +567,41 @@ def _fwd_fake(q, k, v, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd_fake(do, q, k, v, o, lse, scale, dq_atomic):
+def _bwd_fake(do, q, k, v, o, lse, scale):
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
 _fwd_op = kernel_op("flash_attention_fwd", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
                     attention_forward, _fwd_fake)
 _bwd_op = kernel_op("flash_attention_bwd", "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
-                    "float scale, bool dq_atomic) -> (Tensor, Tensor, Tensor)", attention_backward, _bwd_fake)
+                    "float scale) -> (Tensor, Tensor, Tensor)", attention_backward, _bwd_fake)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o and the fp32 LSE (B·H·S_q·4 bytes) for backward."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                dq_atomic: bool) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         o, lse = eager_or_op(attention_forward, _fwd_op)(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
-        ctx.dq_atomic = dq_atomic
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = eager_or_op(attention_backward, _bwd_op)(do, q, k, v, o, lse, ctx.scale,
-                                                              ctx.dq_atomic)
-        return dq, dk, dv, None, None
+        dq, dk, dv = eager_or_op(attention_backward, _bwd_op)(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: Optional[float] = None, *, dq_atomic: bool = False) -> torch.Tensor:
+                    scale: Optional[float] = None) -> torch.Tensor:
     """Non-causal softmax attention with the Triton kernels (differentiable).
 
     Args:
         q: (B, H, S_q, D); k, v: (B, H, S_k, D); bf16, fp16 or fp32, all the same dtype;
            D in {16, 32, 64, 128}; any strides (last-dim stride 1 is the fast path).
         scale: softmax scale, default 1/sqrt(D).
-        dq_atomic: use fp32 atomics for dQ instead of the separate deterministic pass.
     Returns:
         (B, H, S_q, D) tensor in the input dtype.
     """
@@ -645,7 +609,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # by the fake forward (while compiling). Reading D needs a tensor of the right rank first.
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         raise ValueError("q, k, v must be (B, H, S, D) tensors")
-    return FlashAttentionFunction.apply(q, k, v, _resolve_scale(q.shape[-1], scale), dq_atomic)
+    return FlashAttentionFunction.apply(q, k, v, _resolve_scale(q.shape[-1], scale))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
