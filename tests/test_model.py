@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import kernels
 import mofo
 
 
@@ -90,7 +91,7 @@ def test_zero_init_gates_and_heads():
     untrained model predicts x0 = 0 whatever the input."""
     m = tiny()
     mods = [mm for mm in m.modules() if isinstance(mm, mofo.Modulation)]
-    assert len(mods) == 3 + 2 + 1 + 2  # double (txt,img,depth), single (img,depth), decoder, 2 finals
+    assert len(mods) == 3 + 2 + 1 + 2  # triple (txt,img,depth), single (img,depth), decoder, 2 finals
     assert all((mm.lin.weight == 0).all() for mm in mods)
     assert (m.final_layer.out.weight == 0).all() and (m.depth_final_layer.out.weight == 0).all()
     assert m.alpha_img.item() == 0 and m.alpha_depth.item() == 0
@@ -105,10 +106,10 @@ def test_add_depth_stream_clones_image_stream():
     sd_t2i, sd = t2i.state_dict(), mf.state_dict()
     for k, v in sd_t2i.items():
         assert torch.equal(sd[k], v), k
-    for blk in mf.double_blocks:
+    for blk in mf.triple_blocks:
         for k, v in blk.streams["img"].state_dict().items():
             assert torch.equal(blk.streams["depth"].state_dict()[k], v)
-    assert torch.equal(mf.double_mod["depth"].lin.weight, mf.double_mod["img"].lin.weight)
+    assert torch.equal(mf.triple_mod["depth"].lin.weight, mf.triple_mod["img"].lin.weight)
     # the new gates are 0, so RGB prediction is unchanged by the depth stream's mixing
     assert mf.alpha_img.item() == 0
     with pytest.raises(ValueError):
@@ -148,7 +149,7 @@ def test_contraction_values_and_clamp():
 
 
 def test_rollout_table():
-    """SPEC 4.2 test vectors, N = 50, mu = 1.1, log2 alpha = 5."""
+    """The schedule at N = 50, mu = 1.1, log2 alpha = 5 (values of RECIPE 4.2, checked by hand)."""
     t_rgb, t_dep = mofo.rollout_timesteps(50, "joint", 1.1, 5)
     table = {0: (1, 1), 1: (.9933, .9998), 25: (.7503, .9897), 45: (.2503, .9144),
              48: (.1112, .8002), 49: (.0578, .6624), 50: (0, 0)}
@@ -263,11 +264,11 @@ def test_sampler_modes_freeze_the_condition():
     rgb, text, z, valid = batch(B=2)
     r, d = mofo.sample(m, text, mode="i2d", rgb=rgb, steps=3)
     assert torch.equal(r, rgb) and d.shape == z.shape and torch.isfinite(d).all()
-    r, d = mofo.sample(m, text, mode="d2i", depth=z, depth_valid=valid, steps=3, cfg=2.0)
+    r, d = mofo.sample(m, text, mode="d2i", depth=z, depth_valid=valid, steps=3, cfg_scale=2.0)
     assert torch.equal(d[valid], z[valid]) and r.shape == rgb.shape
-    r, d = mofo.sample(m, text, mode="joint", steps=3, cfg=4.0, log2_alpha=5)
+    r, d = mofo.sample(m, text, mode="joint", steps=3, cfg_scale=4.0, log2_alpha=5)
     assert r.shape == rgb.shape and d.shape == z.shape
-    r2, _ = mofo.sample(m, text, mode="joint", steps=3, cfg=4.0, log2_alpha=5)
+    r2, _ = mofo.sample(m, text, mode="joint", steps=3, cfg_scale=4.0, log2_alpha=5)
     assert torch.equal(r, r2)  # seeded
     with pytest.raises(ValueError, match="i2d needs"):
         mofo.sample(m, text, mode="i2d", steps=2)
@@ -295,14 +296,14 @@ def test_kernel_path_matches_reference_end_to_end():
     outs, grads = [], []
     try:
         for mode in ("torch", "triton"):
-            mofo.set_kernels(mode)
+            kernels.set_backend(mode)
             m.zero_grad()
             r, d = m(rgb, torch.full((1,), 0.7), text, z, torch.full((1,), 0.4))
             (r.square().mean() + d.square().mean()).backward()
             outs.append(torch.cat([r.flatten(), d.flatten()]))
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
     finally:
-        mofo.set_kernels("auto")
+        kernels.set_backend("auto")
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     assert (grads[0] - grads[1]).norm() / grads[0].norm() < 1e-4
 
@@ -318,7 +319,7 @@ def test_whole_model_compiles_without_graph_breaks():
     rgb, text, z, valid = batch(B=1, res=16, L=8)
     results = []
     try:
-        mofo.set_kernels("triton")
+        kernels.set_backend("triton")
         torch._dynamo.reset()
         for net in (m, torch.compile(m, backend="aot_eager", fullgraph=True)):
             m.zero_grad()
@@ -327,7 +328,7 @@ def test_whole_model_compiles_without_graph_breaks():
             results.append((torch.cat([r.flatten(), d.flatten()]),
                             torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])))
     finally:
-        mofo.set_kernels("auto")
+        kernels.set_backend("auto")
     (o_eager, g_eager), (o_comp, g_comp) = results
     assert torch.allclose(o_eager, o_comp, rtol=1e-5, atol=1e-6)
     assert (g_eager - g_comp).norm() / g_eager.norm() < 1e-5
@@ -336,17 +337,17 @@ def test_whole_model_compiles_without_graph_breaks():
 def test_forced_triton_path_refuses_to_fall_back(monkeypatch):
     """Without CUDA or the interpreter, kernels.* would quietly run the reference: "triton" must
     say so instead of comparing the reference with itself."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        mofo.set_kernels("triton", torch.device("cpu"))
+        kernels.set_backend("triton", torch.device("cpu"))
     m = tiny()
     rgb, text, z, valid = batch(B=1, res=16, L=8)
     try:
-        mofo.set_kernels("triton")
+        kernels.set_backend("triton")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             m(rgb, torch.full((1,), 0.7), text, z, torch.full((1,), 0.4))
     finally:
-        mofo.set_kernels("auto")
+        kernels.set_backend("auto")
 
 
 def test_config_head_dim_must_suit_the_attention_kernel():

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import data
-import sample
+import pointcloud
 from helpers import assert_user_error, run_cli, train_tiny
 
 
@@ -71,15 +71,24 @@ def test_d2i_inputs_with_holes(ckpt, tmp_path, fmt):
 
 def test_point_cloud_geometry():
     """A fronto-parallel plane back-projects to points at z = -d; a step edge is removed."""
-    depth = np.full((8, 8), 2.0, np.float32)
-    rgb = np.zeros((8, 8, 3), np.uint8)
-    xyz, col = sample.point_cloud(depth, rgb, 90.0, 0.04)
-    assert len(xyz) == 64 and np.allclose(xyz[:, 2], 0)  # median-centred: all at the same depth
-    assert np.isclose(xyz[:, 0].max() - xyz[:, 0].min(), 7 * 2 / 4)  # f = W/2 at 90 degrees
-    depth[:, 4:] = 4.0
-    xyz, _ = sample.point_cloud(depth, rgb, 90.0, 0.04)
-    assert len(xyz) == 64 - 16  # columns 3 and 4 straddle the step
-    assert len(sample.point_cloud(depth, rgb, 90.0, 0.0)[0]) == 64
+    depth = np.full((8, 512), 2.0, np.float32)
+    rgb = np.zeros((8, 512, 3), np.uint8)
+    xyz, col = pointcloud.point_cloud(depth, rgb, 90.0, 0.04)
+    assert len(xyz) == 8 * 512 and np.allclose(xyz[:, 2], 0)  # median-centred: all at the same depth
+    assert np.isclose(xyz[:, 0].max() - xyz[:, 0].min(), 511 * 2 / 256)  # f = W/2 at 90 degrees
+    depth[:, 256:] = 4.0
+    xyz, _ = pointcloud.point_cloud(depth, rgb, 90.0, 0.04)
+    assert len(xyz) == 8 * 512 - 16  # columns 255 and 256 straddle the step
+    assert len(pointcloud.point_cloud(depth, rgb, 90.0, 0.0)[0]) == 8 * 512
+
+
+def test_edge_filter_scales_with_resolution():
+    """At 32 px a smooth ground plane keeps its points; a real step is still removed."""
+    rows = np.linspace(8.0, 2.0, 32, dtype=np.float32)[:, None].repeat(32, 1)  # a floor receding upwards
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    assert len(pointcloud.point_cloud(rows, rgb, 65.0, 0.04)[0]) == 32 * 32
+    rows[:, 16:] *= 4
+    assert len(pointcloud.point_cloud(rows, rgb, 65.0, 0.04)[0]) < 32 * 32
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "bad_image", "no_image", "bad_res", "out_exists",

@@ -12,14 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import mofo
+import scenes
 import train
 from helpers import ENV, ROOT, TINY, assert_user_error, run_cli, train_tiny
 
 
 def weights(run_dir: str) -> dict[str, torch.Tensor]:
-    ckpt = mofo.resolve_checkpoint(run_dir)
+    ckpt = checkpoint.resolve_checkpoint(run_dir)
     out = load_file(os.path.join(ckpt, "model.safetensors"))
     out.update({f"opt/{k}": v for k, v in load_file(os.path.join(ckpt, "optimizer.safetensors")).items()})
     return out
@@ -27,7 +29,7 @@ def weights(run_dir: str) -> dict[str, torch.Tensor]:
 
 def test_checkpoint_roundtrip_and_outputs(tmp_path):
     out = train_tiny(str(tmp_path / "run"), "--stage", "mofo", "--sparse", "lidar", steps=3)
-    ckpt = mofo.resolve_checkpoint(out)
+    ckpt = checkpoint.resolve_checkpoint(out)
     assert os.path.basename(ckpt) == "ckpt_0000003"
     for f in ("model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json", "train_state.json"):
         assert os.path.isfile(os.path.join(ckpt, f)), f
@@ -35,7 +37,7 @@ def test_checkpoint_roundtrip_and_outputs(tmp_path):
     assert state["step"] == 3 and state["args"]["sparse"] == "lidar"
     tensors = load_file(os.path.join(ckpt, "model.safetensors"))
     for ema in (True, False):
-        model, tok = mofo.load_checkpoint(out, ema=ema)
+        model, tok = checkpoint.load_checkpoint(out, ema=ema)
         prefix = "ema." if ema else "raw."
         for k, v in model.state_dict().items():
             assert torch.equal(v, tensors[prefix + k]), k
@@ -62,7 +64,7 @@ def test_resume_is_bit_exact_after_sigkill(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = json.load(open(os.path.join(mofo.resolve_checkpoint(killed), "train_state.json")))["step"]
+    step = json.load(open(os.path.join(checkpoint.resolve_checkpoint(killed), "train_state.json")))["step"]
     assert step < 8, "the run finished before it could be killed; the test proves nothing"
     res = run_cli("train.py", "--resume", "--steps", "8", "--out", killed, "--num-workers", "0")
     assert f"steps {step}->8" in res.stdout
@@ -77,34 +79,34 @@ def test_resume_is_bit_exact_after_sigkill(tmp_path):
 
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     out = train_tiny(str(tmp_path / "run"), "--stage", "t2i", steps=2)
-    before = mofo.resolve_checkpoint(out)
-    model, tok = mofo.load_checkpoint(out)
+    before = checkpoint.resolve_checkpoint(out)
+    model, tok = checkpoint.load_checkpoint(out)
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # stands in for a kill in the middle of writing the JSON files
 
-    monkeypatch.setattr(train, "_write_json", boom)
+    monkeypatch.setattr(checkpoint, "write_json", boom)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(out, 4, model, copy.deepcopy(model), opt, tok, {"step": 4})
-    assert mofo.resolve_checkpoint(out) == before
-    mofo.load_checkpoint(out)
+        checkpoint.save_checkpoint(out, 4, model, copy.deepcopy(model), opt, tok, {"step": 4})
+    assert checkpoint.resolve_checkpoint(out) == before
+    checkpoint.load_checkpoint(out)
 
 
 def test_t2i_then_mofo_recipe(tmp_path):
     t2i = train_tiny(str(tmp_path / "t2i"), "--stage", "t2i", steps=2)
-    m_t2i, _ = mofo.load_checkpoint(t2i)
+    m_t2i, _ = checkpoint.load_checkpoint(t2i)
     assert not m_t2i.cfg.has_depth
     out = train_tiny(str(tmp_path / "mofo"), "--stage", "mofo", "--init", t2i, steps=1)
-    m, _ = mofo.load_checkpoint(out)
+    m, _ = checkpoint.load_checkpoint(out)
     assert m.cfg.has_depth
     # the fresh depth-only weights are seeded too: the same command gives the same model
     again = train_tiny(str(tmp_path / "mofo2"), "--stage", "mofo", "--init", t2i, steps=1)
     a, b = weights(out), weights(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the text tokenizer travels with the weights
-    assert open(os.path.join(mofo.resolve_checkpoint(t2i), "tokenizer.json")).read() == \
-        open(os.path.join(mofo.resolve_checkpoint(out), "tokenizer.json")).read()
+    assert open(os.path.join(checkpoint.resolve_checkpoint(t2i), "tokenizer.json")).read() == \
+        open(os.path.join(checkpoint.resolve_checkpoint(out), "tokenizer.json")).read()
 
 
 def test_torchrun_two_processes_cpu(tmp_path):
@@ -113,7 +115,7 @@ def test_torchrun_two_processes_cpu(tmp_path):
                            "train.py", *TINY, "--stage", "mofo", "--steps", "2", "--save-every", "2", "--out", out],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))
+    state = json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))
     assert state["world_size"] == 2 and state["step"] == 2
     assert proc.stdout.count("saved ") == 1  # only rank 0 writes
 
@@ -157,7 +159,7 @@ def test_train_on_a_manifest_with_mixed_rows(tmp_path):
     """Image-only rows (t2i pre-training) and rows with depth, read from the user's files."""
     rows = []
     for i in range(4):
-        scene = data.render_scene(i, 40)
+        scene = scenes.render_scene(i, 40)
         data.save_png(str(tmp_path / f"{i}.png"), scene["rgb"])
         row = {"image": f"{i}.png", "caption": scene["caption"]}
         if i % 2:
@@ -169,7 +171,7 @@ def test_train_on_a_manifest_with_mixed_rows(tmp_path):
                      "--data-path", str(tmp_path / "m.jsonl"), steps=2)
     out = train_tiny(str(tmp_path / "mofo"), "--stage", "mofo", "--init", t2i, "--data", "manifest",
                      "--data-path", str(tmp_path / "m.jsonl"), "--sparse", "random", steps=2)
-    assert json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))["step"] == 2
+    assert json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))["step"] == 2
 
 
 def test_torchrun_on_tar_shards(tmp_path):
@@ -182,4 +184,4 @@ def test_torchrun_on_tar_shards(tmp_path):
                            str(tmp_path / "shard-*.tar"), "--steps", "3", "--save-every", "3", "--out", out],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.load(open(os.path.join(mofo.resolve_checkpoint(out), "train_state.json")))["step"] == 3
+    assert json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))["step"] == 3
