@@ -11,7 +11,7 @@ DEMO_STEPS ?= 1200
 DEMO_BATCH ?= 32
 DEMO_SPARSE ?= none
 
-.PHONY: install demo test test-slow train sample bench clean
+.PHONY: install demo test test-slow train sample bench gpu-check clean
 
 install: $(STAMP)
 
@@ -19,16 +19,21 @@ install: $(STAMP)
 # the CPU wheel (the local +cpu wheel when the machine carries one, else PyTorch's CPU index) and
 # triton 3.6.0 for the interpreter tests.
 $(STAMP): requirements.txt
+	@echo "== make install: creating .venv (one time; PyTorch is a large download)"
 	python3 -m venv .venv
-	if command -v nvidia-smi >/dev/null 2>&1; then \
-	  .venv/bin/pip install -q torch==2.13.0; \
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "== installing torch 2.13.0 (CUDA build)"; \
+	  .venv/bin/pip install --progress-bar on torch==2.13.0; \
 	else \
-	  { .venv/bin/pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
-	    .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; } && \
-	  .venv/bin/pip install -q triton==3.6.0; \
+	  echo "== installing torch 2.13.0 (CPU build) and triton 3.6.0"; \
+	  { .venv/bin/pip install --progress-bar on "torch==2.13.0+cpu" 2>/dev/null || \
+	    .venv/bin/pip install --progress-bar on torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; } && \
+	  .venv/bin/pip install --progress-bar on triton==3.6.0; \
 	fi
-	.venv/bin/pip install -q -r requirements.txt
+	@echo "== installing requirements.txt"
+	.venv/bin/pip install --progress-bar on -r requirements.txt
 	touch $(STAMP)
+	@echo "== .venv ready: run scripts with .venv/bin/python (or: source .venv/bin/activate)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -60,7 +65,14 @@ sample: $(STAMP)
 	$(PY) sample.py $(ARGS)
 
 bench: $(STAMP)
-	$(PY) kernels/bench.py --out bench.json
+	$(PY) tools/bench.py --out bench.json
+
+# The project's health on a GPU machine in one command: CUDA kernel tests, benchmarks, a short
+# training run and a timed sample, under one deadline (GPU_CHECK_S seconds) into GPU_CHECK_OUT.
+GPU_CHECK_S ?= 540
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	GPU_CHECK_S=$(GPU_CHECK_S) GPU_CHECK_OUT=$(GPU_CHECK_OUT) PY=$(if $(wildcard $(PY)),$(PY),python3) bash tools/gpu_check.sh
 
 clean:
 	rm -rf runs outputs eval_out .pytest_cache
