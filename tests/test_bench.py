@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from common import UserError
 from kernels import INTERPRET
 from tools import bench
 
@@ -90,10 +91,9 @@ def test_sample_section_dry_run(cpu_bench, monkeypatch, capsys):
     assert verdict["section"] == "sample" and verdict["verdict"] in ("met", "missed")
 
 
-def test_bench_refuses_bad_out_dir_before_running(tmp_path, capsys):
-    assert bench.main(["--out", str(tmp_path / "missing" / "b.json")]) == 2
-    err = capsys.readouterr().err
-    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+def test_bench_refuses_bad_out_dir_before_running(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        bench.main(["--out", str(tmp_path / "missing" / "b.json")])
 
 
 def test_shape_selection(capsys):

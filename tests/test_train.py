@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
-import mofo
 import scenes
 import train
 from helpers import ENV, ROOT, TINY, assert_user_error, run_cli, train_tiny

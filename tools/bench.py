@@ -32,7 +32,6 @@ import contextlib
 import datetime
 import gc
 import itertools
-import json
 import math
 import os
 import re
@@ -44,12 +43,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 import kernels  # noqa: E402
+from common import UserError, cli, write_json  # noqa: E402
+from tools.timing import cuda_graph, do_bench_timer, error_text, fmt, print_table, rel_err, time_calls  # noqa: E402
 import kernels.flash_attention as fa  # noqa: E402
 from kernels import qknorm_rope, rmsnorm  # noqa: E402
 
@@ -96,12 +96,6 @@ def step_label(preset: str, overrides: dict) -> str:
     return preset + "".join(f" {k}={v}" for k, v in overrides.items())
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
-
-
 def _indices(table: list) -> Callable[[str], List[int]]:
     def parse(text: str) -> List[int]:
         try:
@@ -123,7 +117,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=200, help="do_bench measuring time per measurement, ms")
     p.add_argument("--step-compile", action="store_true",
                    help="step section: also time both backends under torch.compile (slow to compile)")
-    p.add_argument("--step-iters", type=_positive, default=20,
+    p.add_argument("--step-iters", type=int, default=20,
                    help="step section: steps timed per variant, after 3 untimed ones (median reported)")
     # A full run autotunes a few hundred kernels; these selections split it over shorter runs.
     step_labels = [f"{step_label(preset, over)} batch {batch}" for preset, batch, over in STEP_CONFIGS]
@@ -137,60 +131,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def pick(table: list, idx: Optional[List[int]]) -> list:
     return table if idx is None else [table[i] for i in idx]
-
-
-# helpers ------------------------------------------------------------------------------------
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def do_bench_timer(warmup: int, rep: int) -> Callable[..., float]:
-    """timer(fn, grad_to_none=None) -> median ms (the CPU dry run passes a wall-clock twin)."""
-    return lambda fn, grad_to_none=None: float(triton.testing.do_bench(
-        fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
-
-
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured once as a CUDA graph; returns the replay (``fn`` itself off CUDA).
-
-    Warm-up (lazy initialisation, autotuning and compilation must not be captured) and capture
-    run on a side stream. The capture must not wait on work of another stream: an output of an
-    earlier call kept alive keeps its AccumulateGrad nodes, which sit on the stream they were made
-    on, so callers drop every earlier output and gradient first. Tensors ``fn`` allocates,
-    gradients included, live in the graph's memory pool and are rewritten by every replay.
-    """
-    if DEVICE != "cuda":
-        return fn
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(main)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        torch.cuda.set_stream(side)
-        for _ in range(3):
-            fn()
-        gc.collect()  # an earlier output caught in a reference cycle must not outlive the capture
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-    finally:
-        torch.cuda.set_stream(main)
-    main.wait_stream(side)
-    return graph.replay
-
-
-def fmt(x: Optional[float], spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def print_table(title: str, header: List[str], rows: List[List[str]]) -> None:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    for r in [header] + rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-
-
-def error_text(e: Exception, limit: int = 160) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
 
 
 def measure(fn: Callable, inputs: tuple, dout, ref: tuple, tol: float, timer: Callable, graph: bool) -> dict:
@@ -474,23 +414,6 @@ def profile_split(fn: Callable[[], object], n_calls: int = 3, top: int = 8) -> d
             "split_pct": dict(sorted(split.items(), key=lambda kv: -kv[1]))}
 
 
-def time_calls(fn: Callable[[], object], n: int) -> float:
-    """Median ms of ``n`` back-to-back calls, stamped between calls: CUDA events on the GPU's
-    timeline (host work that leaves the GPU idle counts), the wall clock on the CPU dry run."""
-    cuda, stamps = DEVICE == "cuda", []
-    for i in range(n + 1):
-        if i:
-            fn()
-        if cuda:
-            stamps.append(torch.cuda.Event(enable_timing=True))
-            stamps[-1].record()
-        else:
-            stamps.append(time.perf_counter())
-    if cuda:
-        torch.cuda.synchronize()
-    return float(statistics.median(a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in zip(stamps, stamps[1:])))
-
-
 def step_setup(preset: str, batch: int, overrides: dict) -> tuple:
     """(config, model, one random micro-batch on the device, model FLOPs of one step)."""
     import mofo
@@ -750,26 +673,16 @@ def run(args: argparse.Namespace, timer: Callable) -> dict:
     return out
 
 
-def write_json(path: str, out: dict) -> None:
-    """Write through a temp file and rename, so a crash never leaves half a bench.json."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    problem = None
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        problem = f"directory of --out {args.out} does not exist"  # fail before the long run
-    elif not torch.cuda.is_available():
-        problem = "needs a CUDA GPU"
-    elif kernels.INTERPRET:
-        problem = "unset TRITON_INTERPRET to benchmark compiled kernels"
-    if problem:
-        print(f"bench.py: {problem}", file=sys.stderr)
-        return 2
+        raise UserError(f"directory of --out {args.out} does not exist")  # fail before the long run
+    if args.step_iters < 1:
+        raise UserError("--step-iters must be >= 1")
+    if not torch.cuda.is_available():
+        raise UserError("needs a CUDA GPU")
+    if kernels.INTERPRET:
+        raise UserError("unset TRITON_INTERPRET to benchmark compiled kernels")
     out = run(args, do_bench_timer(args.warmup, args.rep))
     if args.out:
         write_json(args.out, out)
@@ -778,4 +691,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, "bench.py")
