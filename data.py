@@ -26,8 +26,9 @@ import torch
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-# UserError and save_png are also used as data.UserError and data.save_png
-from common import UserError, atomic_write, cli, from_uint8, save_png, staged_dir, write_text
+# UserError, save_png and the depth colour map are also used as data.<name>
+from common import (COLORMAP_LUT, UserError, atomic_write, cli, colorize_depth, disparity_range, from_uint8,  # noqa: F401
+                    save_png, staged_dir, write_text)
 from scenes import TEST_OFFSET, render_scene
 
 
@@ -119,63 +120,6 @@ def undo_letterbox(arr: np.ndarray, box: tuple[int, int, int, int], out_hw: tupl
     top, left, h, w = box
     crop = np.asarray(arr, dtype=np.float32)[top:top + h, left:left + w]
     return _resize(crop, out_hw[0], out_hw[1], nearest=False)
-
-
-# A magma-like perceptual colormap from our own control points (position, sRGB 0..255):
-# near-black violet -> purple -> red-pink -> orange -> pale yellow. Luminance rises monotonically.
-_COLORMAP_POINTS = [
-    (0.00, (2, 1, 6)), (0.12, (26, 14, 64)), (0.25, (76, 20, 118)), (0.38, (126, 38, 128)),
-    (0.50, (178, 54, 122)), (0.62, (226, 82, 98)), (0.75, (249, 136, 96)), (0.88, (253, 196, 138)),
-    (1.00, (252, 250, 188)),
-]
-
-
-def _build_lut() -> np.ndarray:
-    pos = np.array([p for p, _ in _COLORMAP_POINTS])
-    rgb = np.array([c for _, c in _COLORMAP_POINTS], dtype=np.float64)
-    x = np.linspace(0.0, 1.0, 256)
-    return np.stack([np.rint(np.interp(x, pos, rgb[:, c])) for c in range(3)], axis=1).astype(np.uint8)
-
-
-COLORMAP_LUT = _build_lut()  # (256, 3) uint8
-
-
-def _usable(depth: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Depth as float64 and its pixels worth drawing: d > 0, finite, and `valid` if given."""
-    d = np.asarray(depth, dtype=np.float64)
-    ok = np.isfinite(d) & (d > 0)
-    if valid is not None:
-        ok &= np.asarray(valid, dtype=bool)
-    return d, ok
-
-
-def disparity_range(depth: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float] | None:
-    """5th and 95th percentiles of disparity 1/d over valid pixels (None if there are none)."""
-    d, ok = _usable(depth, valid)
-    if not ok.any():
-        return None
-    lo, hi = np.percentile(1.0 / d[ok], [5.0, 95.0])
-    return float(lo), float(hi)
-
-
-def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None,
-                   disp_range: tuple[float, float] | None = None, unknown=(0, 0, 0)) -> np.ndarray:
-    """Depth (H, W) -> uint8 (H, W, 3) picture: near is bright, far is dark, invalid is `unknown`.
-
-    Disparity 1/d on valid pixels (d > 0, finite, and `valid` if given) is normalised between its
-    5th and 95th percentiles so a few outliers don't wash out the picture; pass `disp_range`
-    (e.g. disparity_range of a ground truth) to draw several maps on one colour scale.
-    """
-    d, ok = _usable(depth, valid)
-    out = np.empty(d.shape + (3,), dtype=np.uint8)
-    out[:] = unknown
-    if not ok.any():
-        return out
-    disp = 1.0 / d[ok]
-    lo, hi = disp_range or np.percentile(disp, [5.0, 95.0])
-    x = np.clip((disp - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    out[ok] = COLORMAP_LUT[np.rint(x * 255).astype(np.int64)]
-    return out
 
 
 # -----------------------------------------------------------------------------
