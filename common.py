@@ -40,6 +40,12 @@ def cli(main, prog: str) -> None:
 # -----------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write) -> None:
     """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`.
 
@@ -49,9 +55,7 @@ def atomic_write(path: str, write) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -113,12 +117,6 @@ def staged_dir(out: str):
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -----------------------------------------------------------------------------
