@@ -184,3 +184,13 @@ def test_torchrun_on_tar_shards(tmp_path):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))["step"] == 3
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """--compile (per-block torch.compile, the CUDA default) gives the eager run's losses on CPU."""
+    losses = {}
+    for flag in ("--compile", "--no-compile"):
+        out = train_tiny(str(tmp_path / flag), "--stage", "mofo", flag, steps=2)
+        losses[flag] = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(losses["--compile"]) == 2
+    assert np.allclose(losses["--compile"], losses["--no-compile"], rtol=1e-4, atol=1e-6), losses
