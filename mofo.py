@@ -635,7 +635,8 @@ def rollout_timesteps(num_steps: int, mode: str = "joint", shift_mu: float = SHI
     return t, a * t / (1 + (a - 1) * t)
 
 
-def _initial_state(model: MoFo, B: int, mode: str, rgb, depth, depth_valid, seed: int, res: int | None):
+def _initial_state(model: MoFo, B: int, mode: str, rgb, depth, depth_valid, seed: int | list[int],
+                   res: int | None):
     """The sampler's starting point: (x_rgb, x_depth, depth noise, known-depth mask, known depth)."""
     dev, has_depth = model.img_in.weight.device, model.cfg.has_depth
     if mode != "joint" and not has_depth:
@@ -644,9 +645,12 @@ def _initial_state(model: MoFo, B: int, mode: str, rgb, depth, depth_valid, seed
         raise ValueError("i2d needs an input image (rgb)" if mode == "i2d" else "d2i needs an input depth map")
     ref = rgb if rgb is not None else depth[:, None] if depth is not None else None
     Hpx, Wpx = (ref.shape[-2], ref.shape[-1]) if ref is not None else (res or model.cfg.res,) * 2
-    g = torch.Generator(dev).manual_seed(seed)
-    x_rgb = torch.randn(B, 3, Hpx, Wpx, generator=g, device=dev)
-    eps_dep = torch.randn(B, Hpx, Wpx, generator=g, device=dev) if has_depth else None
+    seeds = [seed] if isinstance(seed, int) else list(seed)  # one for the batch, or one per item
+    if len(seeds) not in (1, B):
+        raise ValueError(f"{len(seeds)} seeds for a batch of {B}")
+    gens, n = [torch.Generator(dev).manual_seed(s) for s in seeds], B // len(seeds)
+    x_rgb = torch.cat([torch.randn(n, 3, Hpx, Wpx, generator=g, device=dev) for g in gens])
+    eps_dep = torch.cat([torch.randn(n, Hpx, Wpx, generator=g, device=dev) for g in gens]) if has_depth else None
     if rgb is not None:
         x_rgb = rgb.to(dev, torch.float32)
     known = None
@@ -667,15 +671,17 @@ def guide(pred: torch.Tensor | None, scale: float) -> torch.Tensor | None:
 @torch.no_grad()
 def sample(model: MoFo, text_ids: torch.Tensor, *, mode: str = "joint", rgb: torch.Tensor | None = None,
            depth: torch.Tensor | None = None, depth_valid: torch.Tensor | None = None, steps: int = 50,
-           cfg_scale: float = 1.0, log2_alpha: float | None = None, seed: int = 0,
+           cfg_scale: float = 1.0, log2_alpha: float | None = None, seed: int | list[int] = 0,
            res: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Generate with Euler steps over both streams (RECIPE 4).
 
     text_ids: (B, L). i2d needs rgb (B, 3, H, W) in [-1, 1], d2i depth (B, H, W) normalised.
     depth_valid marks the known depth pixels: in d2i the others are noise, as in training; in
     joint / i2d the known ones are re-imposed at every step's noise level and the model completes
-    the rest (RECIPE 4.4). cfg_scale > 1 adds an unconditional pass on the "" caption. Runs in the
-    model's dtype or the caller's autocast. Returns (rgb (B, 3, H, W), depth z (B, H, W) or None).
+    the rest (RECIPE 4.4). cfg_scale > 1 adds an unconditional pass on the "" caption. `seed`
+    seeds the batch's noise, or each item's (a list): item i is then what a batch of one with
+    seed[i] gives. Runs in the model's dtype or the caller's autocast.
+    Returns (rgb (B, 3, H, W), depth z (B, H, W) or None).
     """
     B = text_ids.shape[0]
     x_rgb, x_dep, eps_dep, known, depth = _initial_state(model, B, mode, rgb, depth, depth_valid, seed, res)

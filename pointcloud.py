@@ -1,5 +1,6 @@
 """
-Depth map -> coloured point cloud, written as PLY and glTF binary (GLB) with numpy only.
+Depth map -> coloured point cloud, written as PLY and glTF binary (GLB) with numpy only, and
+shown in the sample folder's index.html (viewer.py).
 
 Camera: a centred pinhole with focal length W / (2 tan(fov / 2)) in pixels. A pixel (u, v) at
 depth d becomes X = (u + 0.5 - W/2) d / f, Y = (v + 0.5 - H/2) d / f, stored as (X, -Y, -d):
@@ -12,9 +13,11 @@ import json
 import math
 import os
 import struct
+import warnings
 
 import numpy as np
 
+import viewer
 from common import atomic_write, save_png, write_bytes
 from data import colorize_depth
 
@@ -32,14 +35,15 @@ def edge_mask(depth: np.ndarray, rtol: float) -> np.ndarray:
     rtol = rtol * max(1.0, 512 / max(depth.shape))
     padded = np.pad(depth, 1, mode="edge")
     win = np.lib.stride_tricks.sliding_window_view(padded, (3, 3))
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window is no edge: NaN > x is False
         span = np.nanmax(win, (-2, -1)) - np.nanmin(win, (-2, -1)) if np.isnan(depth).any() else \
             win.max((-2, -1)) - win.min((-2, -1))
         return span > rtol * np.maximum(depth, 1e-6)
 
 
-def point_cloud(depth: np.ndarray, rgb: np.ndarray, fov_deg: float, rtol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Back-project depth (H, W) -> (xyz (N, 3) float32, rgb (N, 3) uint8), median-centred."""
+def back_project(depth: np.ndarray, rgb: np.ndarray, fov_deg: float, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Depth (H, W) -> (xyz (N, 3) float32 in the camera's frame, rgb (N, 3) uint8)."""
     H, W = depth.shape
     f = W / (2 * math.tan(math.radians(fov_deg) / 2))
     v, u = np.mgrid[0:H, 0:W]
@@ -51,9 +55,19 @@ def point_cloud(depth: np.ndarray, rgb: np.ndarray, fov_deg: float, rtol: float)
     if len(xyz) > MAX_POINTS:  # keep files manageable; seeded, so reruns match
         keep = np.random.default_rng(0).choice(len(xyz), MAX_POINTS, replace=False)
         xyz, col = xyz[keep], col[keep]
-    if len(xyz):
-        xyz = xyz - np.median(xyz, axis=0)
     return xyz.astype(np.float32), col.astype(np.uint8)
+
+
+def centre(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(xyz minus its median, the median); the camera sits at minus the median afterwards."""
+    mid = np.median(xyz, axis=0) if len(xyz) else np.zeros(3)
+    return (xyz - mid).astype(np.float32), mid
+
+
+def point_cloud(depth: np.ndarray, rgb: np.ndarray, fov_deg: float, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Back-project depth (H, W) -> (xyz (N, 3) float32, rgb (N, 3) uint8), median-centred."""
+    xyz, col = back_project(depth, rgb, fov_deg, rtol)
+    return centre(xyz)[0], col
 
 
 def remove_outliers(xyz: np.ndarray, rgb: np.ndarray, k: int, std: float) -> tuple[np.ndarray, np.ndarray]:
@@ -110,17 +124,19 @@ def glb_bytes(xyz: np.ndarray, rgb: np.ndarray) -> bytes:
 
 
 def write_all(folder: str, depth: np.ndarray, rgb: np.ndarray, fov_deg: float, rtol: float,
-              sor: tuple[int, float] | None = None) -> dict[str, str]:
-    """depth.npy, depth.png, cloud.ply and cloud.glb into `folder`; prints how many points were kept.
-    Returns {name: file name}."""
+              sor: tuple[int, float] | None = None, title: str = "mofo sample") -> tuple[dict[str, str], int, int]:
+    """depth.npy, depth.png, cloud.ply, cloud.glb and the viewer page index.html into `folder`.
+    Returns ({name: file name}, points in the cloud, known depth pixels)."""
     atomic_write(os.path.join(folder, "depth.npy"), lambda t: np.save(t, depth))
-    save_png(os.path.join(folder, "depth.png"), colorize_depth(depth, unknown=(128, 128, 128)))
-    xyz, col = point_cloud(depth, rgb, fov_deg, rtol)
+    depth_png = colorize_depth(depth, unknown=(128, 128, 128))
+    save_png(os.path.join(folder, "depth.png"), depth_png)
+    xyz, col = back_project(depth, rgb, fov_deg, rtol)
+    xyz, mid = centre(xyz)
     if sor is not None:
         xyz, col = remove_outliers(xyz, col, *sor)
-    known = int(np.isfinite(depth).sum())
-    print(f"cloud: {len(xyz)} of {known} depth pixels kept (edge filter --edge-rtol {rtol:g}"
-          f"{'' if sor is None else f', outlier removal --sor {sor[0]},{sor[1]:g}'})", flush=True)
     write_bytes(os.path.join(folder, "cloud.ply"), ply_bytes(xyz, col))
     write_bytes(os.path.join(folder, "cloud.glb"), glb_bytes(xyz, col))
-    return {"depth": "depth.npy", "depth_png": "depth.png", "cloud": "cloud.ply", "cloud_glb": "cloud.glb"}
+    viewer.write(os.path.join(folder, "index.html"), rgb, depth_png, xyz, col, title, eye=-mid, fov_deg=fov_deg)
+    files = {"depth": "depth.npy", "depth_png": "depth.png", "cloud": "cloud.ply", "cloud_glb": "cloud.glb",
+             "viewer": "index.html"}
+    return files, len(xyz), int(np.isfinite(depth).sum())
