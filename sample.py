@@ -279,7 +279,24 @@ def denoise(args, model, tok, res: int, meta: dict, items: list[Item], inputs: l
                          log2_alpha=meta["log2_alpha"], seed=seeds, res=res)
     if args.refine_depth and args.mode == "joint" and z is not None:
         _, z = mofo.sample(model, ids, mode="i2d", rgb=rgb.clamp(-1, 1), steps=args.steps, seed=seeds)
+    if args.mode == "d2i" and not all(x["known"].all() for x in inputs):
+        # Partial conditioning depth: complete it as i2d does, from the generated image.
+        _, z = mofo.sample(model, ids, mode="i2d", rgb=rgb.clamp(-1, 1), depth=stack("dep_in"),
+                           depth_valid=stack("known"), steps=args.steps, seed=seeds)
     return rgb, z
+
+
+def placed_depth(z: torch.Tensor, box, out_hw) -> tuple[np.ndarray, dict[str, int]]:
+    """Network output z (res, res) -> relative depth at the output size. Pixels the model puts
+    beyond the contraction's range are marked, not clamped: +inf where z reaches 2 (farther than it
+    can place), NaN where z <= 0 (no valid depth). Returns the map and the counts."""
+    z = z.float().cpu().numpy()
+    depth = data.undo_letterbox(mofo.denormalize_depth(torch.from_numpy(z)).numpy(), box, out_hw)
+    marks = {}
+    for name, mask, value in (("beyond_range", z >= mofo.Z_MAX, np.inf), ("not_positive", z <= 0, np.nan)):
+        mask = data.undo_letterbox(mask.astype(np.float32), box, out_hw) > 0.5
+        depth[mask], marks[name] = value, int(mask.sum())
+    return depth, marks
 
 
 def write_item(args, item: Item, x: dict, rgb: torch.Tensor, z: torch.Tensor | None, meta: dict
@@ -304,15 +321,13 @@ def write_item(args, item: Item, x: dict, rgb: torch.Tensor, z: torch.Tensor | N
             viewer.write(os.path.join(tmp, "index.html"), rgb_u8, title=title)
             files["viewer"] = "index.html"
         else:
-            depth = data.undo_letterbox(mofo.denormalize_depth(z).cpu().numpy(), box, out_hw)
-            if args.mode == "d2i":  # the condition itself; its unknown pixels stay unknown
-                depth = np.where(valid, depth_m / depth_m[valid].mean(), np.nan)
-                meta["depth"] = "the conditioning depth, scaled to mean 1; unknown pixels NaN"
-            elif depth_m is not None:  # completion: metric, scaled to the known points, which are kept
-                scale, rms = fit_scale(depth, depth_m, valid)
+            depth, meta["marked_pixels"] = placed_depth(z, box, out_hw)
+            if depth_m is not None:  # completion (i2d, or d2i with holes): metric, the known points kept
+                ok = valid & np.isfinite(depth)
+                scale, rms = fit_scale(depth, depth_m, ok) if ok.any() else (1.0, 0.0)
                 depth = np.where(valid, depth_m, depth * scale)
-                meta.update(depth="metric: the given depth pixels, the rest scaled to them by least squares",
-                            depth_scale=scale, depth_fit_rms=rms, known_pixels=int(valid.sum()))
+                meta.update(depth="metric: the given depth pixels, the rest generated and scaled to them by "
+                                  "least squares", depth_scale=scale, depth_fit_rms=rms, known_pixels=int(valid.sum()))
             else:
                 meta["depth"] = "relative depth, mean about 1 (affine-invariant: scale and shift unknown)"
             more, kept, known = pointcloud.write_all(tmp, depth.astype(np.float32), rgb_u8, args.fov_deg,
