@@ -9,6 +9,7 @@ failed run leaves nothing behind.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -23,6 +24,10 @@ from PIL import Image
 
 class UserError(Exception):
     """A mistake in the user's input; CLIs print it as one line and exit 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default shown and the example epilog kept as written."""
 
 
 def cli(main, prog: str) -> None:

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # UserError, save_png and the depth colour map are also used as data.<name>
-from common import (COLORMAP_LUT, UserError, atomic_write, cli, colorize_depth, disparity_range, from_uint8,  # noqa: F401
+from common import (COLORMAP_LUT, HelpFormatter, UserError, atomic_write, cli, colorize_depth, disparity_range, from_uint8,  # noqa: F401
                     save_png, staged_dir, write_text)
 from scenes import TEST_OFFSET, render_scene
 
@@ -627,7 +627,9 @@ def make_dataset(kind: str, res: int, sparse: str, density: float, path: str | N
 def main(argv: list[str] | None = None) -> None:
     """Write one procedural scene as files: rgb.png, depth.npy (metres, 0 = sky), depth.png,
     lidar.png (the sparse LiDAR-like mask) and caption.txt."""
-    p = argparse.ArgumentParser(description="Export a procedural scene (RGB, exact depth, caption, LiDAR mask).")
+    p = argparse.ArgumentParser(description="Export a procedural scene (RGB, exact depth, caption, LiDAR mask).",
+                                epilog="example:\n  .venv/bin/python data.py --scene 3 --split test --res 64 --out scene3",
+                                formatter_class=HelpFormatter)
     p.add_argument("--scene", type=int, default=0, help="scene number within the split")
     p.add_argument("--split", default="train", choices=["train", "test"], help="test = held-out scenes")
     p.add_argument("--res", type=int, default=64, help="image size in pixels")

@@ -40,7 +40,7 @@ import mofo
 import pointcloud
 import viewer
 from checkpoint import load_checkpoint, resolve_checkpoint
-from common import (UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
+from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
                     write_json)
 
 DEFAULT_CFG = {"joint": 4.0, "i2d": 1.0, "d2i": 4.0}
@@ -55,7 +55,7 @@ EXAMPLE = """example:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate RGB + depth (joint), depth from an image (i2d) "
                                             "or an image from depth (d2i).",
-                                epilog=EXAMPLE, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=EXAMPLE, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint or run folder written by train.py")
     p.add_argument("--prompt", default="", help="caption (joint, d2i); ignored by i2d unless given")
     p.add_argument("--prompts", default=None, metavar="FILE",
