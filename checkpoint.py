@@ -8,6 +8,11 @@ Checkpoints: one folder per save, readable without this code.
         tokenizer.json         the caption tokenizer
         train_state.json       step, the run's arguments, how its randomness is seeded
 
+A run trained with FSDP (train.py --fsdp) keeps no optimizer.safetensors: every rank writes its
+shards of the raw weights, the EMA and the AdamW state with torch.distributed.checkpoint (DCP)
+into dcp/, and a resumed run reads them back, at any world size. model.safetensors is still
+written whole (gathered to rank 0), so sampling and evaluation read every checkpoint alike.
+
 A run folder (train.py --out) holds its newest complete checkpoint and a `latest` file naming
 it. A save is written to a temp folder, renamed into place, and only then does `latest` move, so
 a run killed at any moment leaves the previous checkpoint intact.
@@ -23,14 +28,19 @@ import shutil
 from dataclasses import asdict, fields
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 import mofo
 from common import UserError, atomic_write, staged_dir, write_json, write_text
 from data import load_tokenizer, save_tokenizer
 
 LATEST = "latest"  # a run folder's pointer file naming its newest complete checkpoint
+SHARDS = "dcp"  # a checkpoint's subfolder of DCP shards (FSDP runs)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -75,19 +85,36 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = T
             state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise UserError(f"cannot read {path}/model.safetensors: {e}") from None
+    try:
+        model = model_from_state(cfg, state, device, dtype)
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} does not match its config.json ({e} {prefix[:-1]} tensors)") from None
+    return model, load_tokenizer(os.path.join(path, "tokenizer.json"))
+
+
+def model_from_state(cfg: mofo.Config, state: dict[str, torch.Tensor], device: str | torch.device,
+                     dtype: torch.dtype | None = None) -> mofo.MoFo:
+    """A MoFo in eval mode holding `state` (fp32, or `dtype` except mofo.keeps_fp32) on `device`,
+    built on the meta device first. Raises ValueError when the names do not match the config."""
     with torch.device("meta"):
         model = mofo.MoFo(cfg)
     expected = set(model.state_dict())
     if set(state) != expected:
-        raise UserError(f"checkpoint {path} does not match its config.json "
-                        f"({len(expected - set(state))} missing, {len(set(state) - expected)} unexpected "
-                        f"{prefix[:-1]} tensors)")
+        raise ValueError(f"{len(expected - set(state))} missing, {len(set(state) - expected)} unexpected")
     # Fresh allocations (copy=True): a tensor read from the file may sit at any offset of its
     # buffer, and CPU GEMMs may round differently on unaligned memory, breaking bit-exact resume.
-    state = {k: v.to(torch.float32 if dtype is None or mofo.keeps_fp32(k) else dtype, copy=True)
+    state = {k: v.to(device, torch.float32 if dtype is None or mofo.keeps_fp32(k) else dtype, copy=True)
              for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    return model.eval(), load_tokenizer(os.path.join(path, "tokenizer.json"))
+    return model.eval()
+
+
+def empty_model(path: str) -> tuple[mofo.MoFo, object]:
+    """(model on the meta device, tokenizer) of a checkpoint: its shape without its weights."""
+    path = resolve_checkpoint(path)
+    with torch.device("meta"):
+        model = mofo.MoFo(read_config(path))
+    return model, load_tokenizer(os.path.join(path, "tokenizer.json"))
 
 
 def save_checkpoint(out: str, step: int, model, ema, opt, tok, train_state: dict) -> str:
@@ -96,14 +123,40 @@ def save_checkpoint(out: str, step: int, model, ema, opt, tok, train_state: dict
     tmp = os.path.join(out, f".tmp_{name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    tensors = {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
-    tensors.update({f"raw.{k}": v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()})
-    atomic_write(os.path.join(tmp, "model.safetensors"), lambda t: save_file(tensors, t))
     names = {id(p): n for n, p in model.named_parameters()}
     opt_tensors = {f"{names[id(p)]}/{k}": v.detach().cpu().contiguous()
                    for p, st in opt.state.items() for k, v in st.items()}
     atomic_write(os.path.join(tmp, "optimizer.safetensors"), lambda t: save_file(opt_tensors, t))
-    write_text(os.path.join(tmp, "config.json"), json.dumps(asdict(model.cfg), indent=2))
+    return _publish(out, name, tmp, ema.state_dict(), model.state_dict(), model.cfg, tok, train_state)
+
+
+def save_sharded_checkpoint(out: str, step: int, model, ema, opt, tok, train_state: dict) -> str | None:
+    """save_checkpoint for FSDP models, called on every rank: each rank writes its shards of the
+    weights, EMA and AdamW state into dcp/ of the temp folder, rank 0 adds the gathered
+    model.safetensors and the JSON files, renames the folder into place and repoints `latest`.
+    --out must be the same folder for every rank (a shared filesystem across nodes). Returns the
+    checkpoint folder on rank 0, None on the others."""
+    name, rank = f"ckpt_{step:07d}", dist.get_rank()
+    tmp = os.path.join(out, f".tmp_{name}_sharded")  # one name for every rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    ema_full, raw_full = full_state_dict(ema), full_state_dict(model)
+    # DCP returns on rank 0 after every rank has written (and fsynced) its files and rank 0 the
+    # metadata, so the folder is complete when it is renamed.
+    dcp.save(_sharded_state(model, ema, opt), checkpoint_id=os.path.join(tmp, SHARDS))
+    return _publish(out, name, tmp, ema_full, raw_full, model.cfg, tok, train_state) if rank == 0 else None
+
+
+def _publish(out: str, name: str, tmp: str, ema_state: dict, raw_state: dict, cfg: mofo.Config, tok,
+             train_state: dict) -> str:
+    """Add model.safetensors and the JSON files to the temp folder `tmp`, rename it to out/name,
+    repoint `latest` and remove older checkpoints."""
+    tensors = {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
+    tensors.update({f"raw.{k}": v.detach().float().cpu().contiguous() for k, v in raw_state.items()})
+    atomic_write(os.path.join(tmp, "model.safetensors"), lambda t: save_file(tensors, t))
+    write_text(os.path.join(tmp, "config.json"), json.dumps(asdict(cfg), indent=2))
     save_tokenizer(tok, os.path.join(tmp, "tokenizer.json"))
     write_json(os.path.join(tmp, "train_state.json"), train_state)
     final = os.path.join(out, name)
@@ -124,6 +177,33 @@ def load_optimizer(path: str, model, opt) -> None:
     for key, v in tensors.items():
         name, k = key.rsplit("/", 1)
         opt.state[params[name]][k] = v.to(params[name].device, copy=True)
+
+
+def is_sharded(path: str) -> bool:
+    """Whether a checkpoint folder holds DCP shards (written by an FSDP run)."""
+    return os.path.isdir(os.path.join(path, SHARDS))
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP model on rank 0's CPU ({} on the other ranks; all must call)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _sharded_state(model, ema, opt) -> dict:
+    """What DCP saves and loads: this rank's shards of the weights, the EMA and the AdamW state,
+    keyed by parameter name."""
+    return {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+            "optim": get_optimizer_state_dict(model, opt)}
+
+
+def load_sharded(path: str, model, ema, opt) -> None:
+    """Fill FSDP `model`, `ema` and `opt` from the dcp/ folder of a checkpoint (every rank calls;
+    DCP reshards when the world size differs from the saving run's)."""
+    state = _sharded_state(model, ema, opt)
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDS))
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, opt, state["optim"])
 
 
 def _fsync_dir(path: str) -> None:

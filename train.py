@@ -7,6 +7,9 @@ Single process (CPU or one GPU):
         --init runs/t2i --sparse lidar
 Several processes (DDP; gloo on CPU, nccl on CUDA), e.g. 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py --config small --stage mofo ...
+With --fsdp (the default for large and xl under torchrun) weights, gradients, AdamW state and
+EMA are sharded over the ranks (FSDP2); --activation-checkpointing recomputes each block's
+activations in the backward pass. SCALING.md has the memory arithmetic and the multi-node line.
 
 --out is a run folder: ckpt_XXXXXXX/ checkpoints (checkpoint.py), a `latest` pointer,
 metrics.jsonl, samples/ grids and loss.png. A run killed at any moment continues with --resume
@@ -27,17 +30,22 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import data
 import kernels
 import mofo
-from checkpoint import (LATEST, export_checkpoint, load_checkpoint, load_optimizer, resolve_checkpoint,
-                        save_checkpoint)
+from checkpoint import (LATEST, empty_model, export_checkpoint, full_state_dict, is_sharded, load_checkpoint,
+                        load_optimizer, load_sharded, model_from_state, resolve_checkpoint, save_checkpoint,
+                        save_sharded_checkpoint)
 from common import UserError, cli, pick_device, save_png, to_uint8
 from scenes import scene_captions
 
@@ -45,6 +53,7 @@ from scenes import scene_captions
 # Arguments
 # -----------------------------------------------------------------------------
 
+FSDP_PRESETS = ("large", "xl")  # sharding pays off (SCALING.md): xl does not fit an 80 GB GPU under DDP
 EXAMPLE = """example:
   .venv/bin/python train.py --config tiny --stage t2i --steps 600 --out runs/t2i
   .venv/bin/python train.py --config tiny --stage mofo --steps 1200 --init runs/t2i --out runs/mofo"""
@@ -94,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention / QK-norm implementation: auto = Triton on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default: on for CUDA, off on CPU)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard weights, gradients, AdamW state and EMA over the ranks (FSDP2; needs torchrun; "
+                        "bf16 weights in the forward on CUDA unless --dtype fp32). Default: on for "
+                        f"{' and '.join(FSDP_PRESETS)} with more than one process")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep only each block's inputs for the backward pass and recompute the rest there")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader processes per rank (default: from the CPU count)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps for the progress grids")
@@ -124,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--res {args.res} must be a positive multiple of the {args.config} patch size {patch}")
     if args.data != "scenes" and not args.data_path:
         raise UserError(f"--data {args.data} needs --data-path")
+    distributed = "RANK" in os.environ
+    if args.fsdp is None:
+        args.fsdp = distributed and int(os.environ["WORLD_SIZE"]) > 1 and args.config in FSDP_PRESETS
+    if args.fsdp and not distributed:
+        raise UserError("--fsdp needs torchrun (one GPU: torchrun --standalone --nproc_per_node=1 train.py --fsdp ...)")
     if args.num_workers is None:
         args.num_workers = min(8, max(0, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
     return args
@@ -294,11 +314,21 @@ def autocast(device: torch.device, dtype: str = "auto"):
 
 
 def build_model(args, device):
-    """(model, ema, tokenizer, start_step, resume_dir) for a fresh, --init or --resume run."""
+    """(model, ema, tokenizer, start_step, resume_dir) for a fresh, --init or --resume run.
+
+    An --fsdp run resumes with empty (meta-device) models: no rank reads the whole weights, each
+    reads its own shards once the models are sharded (main: shard_model, then load_sharded)."""
     if args.resume:
         ckpt = resolve_checkpoint(args.out)
-        model, tok = load_checkpoint(ckpt, device, ema=False)
-        ema, _ = load_checkpoint(ckpt, device, ema=True)
+        if is_sharded(ckpt) != args.fsdp:
+            raise UserError(f"{ckpt} was written {'with' if is_sharded(ckpt) else 'without'} --fsdp; "
+                            f"resume it with --{'' if is_sharded(ckpt) else 'no-'}fsdp")
+        if args.fsdp:
+            model, tok = empty_model(ckpt)
+            ema = copy.deepcopy(model)
+        else:
+            model, tok = load_checkpoint(ckpt, device, ema=False)
+            ema, _ = load_checkpoint(ckpt, device, ema=True)
         with open(os.path.join(ckpt, "train_state.json")) as fh:
             return model, ema, tok, json.load(fh)["step"], ckpt
     if os.path.exists(os.path.join(args.out, LATEST)):
@@ -326,32 +356,79 @@ def build_model(args, device):
 
 
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW over all weights, PyTorch's fused implementation (one kernel for every tensor)."""
+    """AdamW over all weights, PyTorch's fused implementation (one kernel for every tensor; under
+    FSDP each rank steps its own shards)."""
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
                              fused=True)
+
+
+def blocks(model: mofo.MoFo) -> list[torch.nn.Module]:
+    """The transformer blocks: the unit of compilation, activation checkpointing and sharding."""
+    return [*model.triple_blocks, *model.single_blocks, *getattr(model, "decoder_blocks", [])]
 
 
 def compile_blocks(model: mofo.MoFo) -> None:
     """torch.compile each transformer block in place: short compile times (one graph per block
     kind), and the Triton kernels stay in as opaque custom ops."""
-    for blocks in (model.triple_blocks, model.single_blocks, getattr(model, "decoder_blocks", [])):
-        for blk in blocks:
-            blk.compile()
+    for blk in blocks(model):
+        blk.compile()
+
+
+def checkpoint_blocks(model: mofo.MoFo) -> None:
+    """Activation checkpointing: each block's forward runs under torch.utils.checkpoint, which
+    keeps the block's inputs for the backward pass and recomputes the rest there. The forward is
+    wrapped in place, so parameter names (checkpoints, optimizer state) do not change. The wrapper
+    is a Python function (not a functools.partial of checkpoint, which disables torch.compile for
+    all it calls), so a compiled block traces checkpoint as one region to recompute."""
+    def checkpointed(forward):
+        def run(*args):
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+        return run
+
+    for blk in blocks(model):
+        blk.forward = checkpointed(blk.forward)
+
+
+def shard_model(model: mofo.MoFo, mesh, bf16: bool) -> None:
+    """FSDP2 in place: every block is one all-gather unit, the fp32 depth head another
+    (mofo.keeps_fp32), the root the remaining weights. With bf16 the forward all-gathers bf16
+    copies of the fp32 shards and gradients are reduced in fp32. Inputs are not cast: the timestep
+    values and RoPE tables stay fp32, as under autocast."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    # MoFo returns the depth map as a view (x[:, 0]); the warning is about writing into such a
+    # view in place, which flow_loss never does.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for blk in blocks(model):
+        fully_shard(blk, mesh=mesh, mp_policy=policy)
+    if model.cfg.has_depth:
+        fully_shard(model.depth_final_layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def gathered_model(model: mofo.MoFo, device: torch.device) -> mofo.MoFo | None:
+    """The whole FSDP `model` as a plain module on rank 0 (None on the others; all must call)."""
+    state = full_state_dict(model)
+    return model_from_state(model.cfg, state, device) if dist.get_rank() == 0 else None
 
 
 def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict], *, rank: int = 0,
                teacher=None) -> dict[str, torch.Tensor]:
     """Warm-up lr, flow-matching loss over the micro-batches, backward, clipping, AdamW, EMA.
 
-    `net` runs the forward (`model` itself or its DDP wrapper); `model` owns the parameters.
-    Batch tensors are on the device already. Returns the loss stats as 0-d tensors: nothing here
-    waits for the GPU.
+    `net` runs the forward (`model` itself or its DDP wrapper); `model` owns the parameters (under
+    FSDP, `net` is `model` and the parameters, gradients, AdamW state and EMA are DTensor shards:
+    clipping reduces the norm over the ranks, AdamW and the EMA work shard by shard). Gradients are
+    synchronised after the last micro-batch only. Batch tensors are on the device already.
+    Returns the loss stats as 0-d tensors: nothing here waits for the GPU.
     """
     for group in opt.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     totals: dict[str, torch.Tensor] = {}
     for micro, b in enumerate(micro_batches):
         last = micro == len(micro_batches) - 1
+        if isinstance(net, FSDPModule):
+            net.set_requires_gradient_sync(last)
         sync = net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()
         g = step_generator(args.seed, step, rank, micro, b["rgb"].device)
         with sync, autocast(b["rgb"].device, args.dtype):
@@ -361,8 +438,8 @@ def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict],
             (loss / len(micro_batches)).backward()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0) + v / len(micro_batches)
-    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"),
-                                                         foreach=True)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"), foreach=True)
+    totals["grad_norm"] = norm.full_tensor() if isinstance(norm, DTensor) else norm  # replicated: no communication
     opt.step()
     opt.zero_grad(set_to_none=True)
     if (step + 1) % args.ema_every == 0:
@@ -456,13 +533,27 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {args.out}: {e.strerror}") from None
-    opt = make_optimizer(model, args)
-    if resume_dir:
-        load_optimizer(resume_dir, model, opt)
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
     if args.compile if args.compile is not None else device.type == "cuda":
-        compile_blocks(model)
+        compile_blocks(model)  # per-block compile, then fully_shard: the order FSDP2 documents
+    if args.fsdp:
+        mesh = init_device_mesh(device.type, (world,))
+        bf16 = device.type == "cuda" and args.dtype != "fp32"
+        shard_model(model, mesh, bf16)
+        shard_model(ema, mesh, bf16=False)  # never runs a forward: only its shards matter
+        if teacher is not None:
+            shard_model(teacher, mesh, bf16)
+        if resume_dir:  # meta-device models: allocate the shards, load_sharded fills them
+            model.to_empty(device=device)
+            ema.to_empty(device=device)
+    opt = make_optimizer(model, args)
+    if resume_dir and args.fsdp:
+        load_sharded(resume_dir, model, ema, opt)
+    elif resume_dir:
+        load_optimizer(resume_dir, model, opt)
     net = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -489,7 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         state = {"step": step, "args": vars(args), "world_size": world,
                  "rng": {"scheme": "torch.Generator per (seed, step, rank, micro-batch)", "seed": args.seed},
                  "data": {"kind": args.data, "samples_seen": step * args.batch_size}}
-        print(f"saved {save_checkpoint(args.out, step, model, ema, opt, tok, state)}", flush=True)
+        if args.fsdp:  # every rank writes its shards; rank 0 the rest
+            path = save_sharded_checkpoint(args.out, step, model, ema, opt, tok, state)
+        elif master:
+            path = save_checkpoint(args.out, step, model, ema, opt, tok, state)
+        if master:
+            print(f"saved {path}", flush=True)
 
     while step < args.steps:
         micro = [to_device(next(loader), device, model.cfg.has_depth) for _ in range(args.grad_accum)]
@@ -507,18 +603,26 @@ def main(argv: list[str] | None = None) -> int:
             rate, window, last_log = len(window) / max(now - last_log, 1e-9), [], now
             if master:
                 eta, lr = (args.steps - step) / rate, opt.param_groups[0]["lr"]
+                if device.type == "cuda":  # rank 0's peak since the start (SCALING.md compares it)
+                    avg["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 parts = " ".join(f"{k[5:] or 'total'} {avg[k]:.4f}" for k in sorted(avg) if k.startswith("loss"))
-                print(f"step {step:>6}/{args.steps} | loss {parts} | lr {lr:.2e} | {rate:.2f} steps/s | "
+                mem = f" | peak {avg['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in avg else ""
+                print(f"step {step:>6}/{args.steps} | loss {parts} | lr {lr:.2e} | {rate:.2f} steps/s{mem} | "
                       f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
                 metrics.append({"step": step, "lr": lr, "steps_per_s": rate, "time": now - t_start, **avg})
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(metrics[-1]) + "\n")
         at_save = step % args.save_every == 0 or step == args.steps
-        if master and (at_save or (args.sample_every and step % args.sample_every == 0)):
-            sample_grid(ema, tok, previews, os.path.join(args.out, "samples", f"step_{step:07d}.png"),
-                        args.sample_steps, args.dtype)
-            plot_losses(metrics, os.path.join(args.out, "loss.png"))
-        if master and (at_save or stop.signum):
+        if at_save or (args.sample_every and step % args.sample_every == 0):
+            # Under FSDP every rank sends its EMA shards and rank 0 samples with the whole model,
+            # which is dropped right after (it is not kept through the training steps).
+            preview = gathered_model(ema, device) if args.fsdp else ema
+            if master:
+                sample_grid(preview, tok, previews, os.path.join(args.out, "samples", f"step_{step:07d}.png"),
+                            args.sample_steps, args.dtype)
+                plot_losses(metrics, os.path.join(args.out, "loss.png"))
+            del preview
+        if at_save or stop.signum:
             save(step)
         if world > 1 and (at_save or stop.signum):
             dist.barrier()
