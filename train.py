@@ -46,7 +46,7 @@ import mofo
 from checkpoint import (LATEST, empty_model, export_checkpoint, full_state_dict, is_sharded, load_checkpoint,
                         load_optimizer, load_sharded, model_from_state, resolve_checkpoint, save_checkpoint,
                         save_sharded_checkpoint)
-from common import UserError, cli, pick_device, save_png, to_uint8
+from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8
 from scenes import scene_captions
 
 # -----------------------------------------------------------------------------
@@ -61,7 +61,7 @@ EXAMPLE = """example:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a Modality Forcing model (t2i pre-training or depth post-training).",
-                                epilog=EXAMPLE, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=EXAMPLE, formatter_class=HelpFormatter)
     p.add_argument("--config", default="tiny", choices=list(mofo.PRESETS), help="model preset")
     p.add_argument("--stage", default="mofo", choices=["t2i", "mofo"],
                    help="t2i: RGB only (pre-training); mofo: RGB + depth with per-modality noise")
