@@ -40,12 +40,13 @@ The softmax Jacobian gives ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``. The row
 something we can get without P: ``Σ_k P_ik dP_ik = Σ_k P_ik Σ_d dO_id V_kd = Σ_d dO_id O_id``,
 so a cheap preprocess kernel computes ``Δ = rowsum(dO ∘ O)`` once.
 
-Two passes then produce the gradients without atomics, so the result is deterministic:
+Two passes then produce the gradients without atomics, so the result is deterministic. They
+are one kernel, ``_attn_bwd_kernel``, launched twice with a compile-time ``PASS``:
 
-* dK/dV pass: a program owns BLOCK_N key rows and loops over all query tiles, recomputing
-  ``Pᵀ`` from (Q, K, L) and accumulating dK and dV in fp32 registers.
-* dQ pass: a program owns BLOCK_M query rows and loops over all key tiles, recomputing P and dP
-  and accumulating dQ.
+* dK/dV pass (PASS 0): a program owns BLOCK_N key rows and loops over all query tiles,
+  recomputing ``Pᵀ`` from (Q, K, L) and accumulating dK and dV in fp32 registers.
+* dQ pass (PASS 1): a program owns BLOCK_M query rows and loops over all key tiles, recomputing
+  P and dP and accumulating dQ.
 
 The price is recomputing QKᵀ and dO Vᵀ in both passes (7 GEMM-sized products instead of 5).
 
@@ -62,6 +63,14 @@ index only within that slice.
 
 Precision: bf16/fp16/fp32 inputs, fp32 accumulation and softmax statistics, output in the input
 dtype. fp32 inputs use IEEE fp32 dots (not TF32) so fp32 results can be checked at 1e-4.
+
+Autotuning
+----------
+On a GPU each launch autotunes its block sizes, warps and stages once per (S_q, S_k, D, dtype)
+(``_configs``, pruned by ``_prune``). The result is also written to Triton's cache directory
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``; ``cache_results=True``), keyed by the Triton
+version, the GPU target, the kernel source and the configs, so a new process reuses it instead of
+benchmarking the configs again. The interpreter runs a single config and caches nothing.
 """
 from __future__ import annotations
 
@@ -142,6 +151,25 @@ _PRE_BLOCK_M = 32 if INTERPRET else 64
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _head(pid_bh, H, stride_b, stride_h):
+    """Offset of (batch, head) number ``pid_bh`` in a (B, H, S, D) tensor, in int64: B·H·S·D can
+    exceed 2³¹ elements at large batch."""
+    return (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _rows(base, offs, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """Pointers to the rows ``offs`` (all HEAD_DIM columns) of one head's (S, D) slice at ``base``."""
+    return base + offs[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+
+
+@triton.jit
+def _rows_t(base, offs, stride_s, stride_d, HEAD_DIM: tl.constexpr):
+    """``_rows`` read transposed, a (D × len(offs)) tile, so that q @ kT needs no register transpose."""
+    return base + offs[None, :] * stride_s + tl.arange(0, HEAD_DIM)[:, None] * stride_d
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """a @ b with fp32 accumulation.
 
@@ -189,25 +217,19 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    # int64 base offsets: B·H·S·D can exceed 2³¹ elements at large batch.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    O += b * stride_ob + h * stride_oh
+    Q += _head(pid_bh, H, stride_qb, stride_qh)
+    K += _head(pid_bh, H, stride_kb, stride_kh)
+    V += _head(pid_bh, H, stride_vb, stride_vh)
+    O += _head(pid_bh, H, stride_ob, stride_oh)
     LSE += pid_bh.to(tl.int64) * S_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
 
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    # K is read transposed (D × BLOCK_N) so that q @ kT needs no in-register transpose.
-    kT_ptrs = K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-    v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    q = tl.load(_rows(Q, offs_m, stride_qs, stride_qd, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+    kT_ptrs = _rows_t(K, offs_n, stride_ks, stride_kd, HEAD_DIM)
+    v_ptrs = _rows(V, offs_n, stride_vs, stride_vd, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -227,8 +249,8 @@ def _attn_fwd_kernel(
 
     # l ≥ 1 for every row (the row max contributes 2⁰), so the division is safe.
     o = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_rows(O, offs_m, stride_os, stride_od, HEAD_DIM), o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -242,19 +264,14 @@ def _attn_bwd_preprocess_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    O += b * stride_ob + h * stride_oh
-    DO += b * stride_db + h * stride_dh
+    O += _head(pid_bh, H, stride_ob, stride_oh)
+    DO += _head(pid_bh, H, stride_db, stride_dh)
     DELTA += pid_bh.to(tl.int64) * S_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
-    o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(_rows(O, offs_m, stride_os, stride_od, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_rows(DO, offs_m, stride_ds, stride_dd, HEAD_DIM), mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=row_ok)
 
@@ -279,73 +296,6 @@ def _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale,
     return dk, dv
 
 
-@triton.heuristics({"EVEN_Q": lambda args: args["S_Q"] % args["BLOCK_M"] == 0})
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,  # inputs; LSE/DELTA fp32 (B*H, S_q)
-    DK, DV,                   # outputs, (B, H, S_k, D) any strides
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_db, stride_dh, stride_ds, stride_dd,      # dO
-    stride_dkb, stride_dkh, stride_dks, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    H, S_Q, S_K,
-    qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_Q: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_db + h * stride_dh
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
-    LSE += pid_bh.to(tl.int64) * S_Q
-    DELTA += pid_bh.to(tl.int64) * S_Q
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < S_K
-
-    # This program's keys/values stay in registers for the whole loop; padded key rows load as 0.
-    k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    do_ptrs = DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd
-
-    m_full = (S_Q // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        q = tl.load(q_ptrs + start_m * stride_qs)
-        do = tl.load(do_ptrs + start_m * stride_ds)
-        lse = tl.load(LSE + start_m + offs_m)
-        delta = tl.load(DELTA + start_m + offs_m)
-        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
-    if not EVEN_Q:
-        row_ok = (m_full + offs_m) < S_Q
-        q = tl.load(q_ptrs + m_full * stride_qs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs + m_full * stride_ds, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + m_full + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + m_full + offs_m, mask=row_ok, other=0.0)
-        dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
-
-    dk *= sm_scale  # S = c·QKᵀ  ⇒  dK = c·dSᵀQ
-    tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
 @triton.jit
 def _bwd_q_tile(dq, q, do, kT, vT, k, lse, delta, col_ok, qk_scale,
                 MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -362,84 +312,128 @@ def _bwd_q_tile(dq, q, do, kT, vT, k, lse, delta, col_ok, qk_scale,
     return dq
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["S_K"] % args["BLOCK_N"] == 0})
+@triton.heuristics({"EVEN_Q": lambda args: args["S_Q"] % args["BLOCK_M"] == 0,
+                    "EVEN_K": lambda args: args["S_K"] % args["BLOCK_N"] == 0})
 @triton.jit
-def _attn_bwd_dq_kernel(
+def _attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA,  # inputs; LSE/DELTA fp32 (B*H, S_q)
-    DQ,                       # output, (B, H, S_q, D) any strides
+    DQ, DK, DV,               # outputs: dQ (B, H, S_q, D), dK, dV (B, H, S_k, D), any strides
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_db, stride_dh, stride_ds, stride_dd,      # dO
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     H, S_Q, S_K,
     qk_scale, sm_scale,
+    PASS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """One backward pass for one block of one (batch, head), chosen at compile time by PASS.
+
+    PASS 0: the program owns BLOCK_N keys, streams every query tile and writes their dK, dV.
+    PASS 1: the program owns BLOCK_M queries, streams every key tile and writes their dQ.
+    Each pass compiles to its own kernel; the other pass's branch is not in it.
+    """
+    pid = tl.program_id(0)  # key block (PASS 0) or query block (PASS 1)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_db + h * stride_dh
-    DQ += b * stride_dqb + h * stride_dqh
     LSE += pid_bh.to(tl.int64) * S_Q
     DELTA += pid_bh.to(tl.int64) * S_Q
+    Q += _head(pid_bh, H, stride_qb, stride_qh)
+    K += _head(pid_bh, H, stride_kb, stride_kh)
+    V += _head(pid_bh, H, stride_vb, stride_vh)
+    DO += _head(pid_bh, H, stride_db, stride_dh)
+    DQ += _head(pid_bh, H, stride_dqb, stride_dqh)
+    DK += _head(pid_bh, H, stride_dkb, stride_dkh)
+    DV += _head(pid_bh, H, stride_dvb, stride_dvh)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S_Q
+    if PASS == 0:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        col_ok = offs_n < S_K
 
-    # Padded query rows: q = dO = 0 and L = Δ = 0 give p = 1, dS = 0, so they stay finite and are
-    # simply not stored.
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # This program's keys/values stay in registers for the whole loop; padded key rows load as 0.
+        k = tl.load(_rows(K, offs_n, stride_ks, stride_kd, HEAD_DIM), mask=col_ok[:, None], other=0.0)
+        v = tl.load(_rows(V, offs_n, stride_vs, stride_vd, HEAD_DIM), mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    vT_ptrs = V + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
-    k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    no_mask = offs_n < BLOCK_N
+        q_ptrs = _rows(Q, offs_m, stride_qs, stride_qd, HEAD_DIM)
+        do_ptrs = _rows(DO, offs_m, stride_ds, stride_dd, HEAD_DIM)
 
-    n_full = (S_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        k = tl.load(k_ptrs + start_n * stride_ks)
-        vT = tl.load(vT_ptrs + start_n * stride_vs)
-        dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, no_mask, qk_scale,
-                         False, UPCAST, PREC)
-    if not EVEN_K:
-        col_ok = (n_full + offs_n) < S_K
-        k = tl.load(k_ptrs + n_full * stride_ks, mask=col_ok[:, None], other=0.0)
-        vT = tl.load(vT_ptrs + n_full * stride_vs, mask=col_ok[None, :], other=0.0)
-        dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, col_ok, qk_scale,
-                         True, UPCAST, PREC)
+        m_full = (S_Q // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            q = tl.load(q_ptrs + start_m * stride_qs)
+            do = tl.load(do_ptrs + start_m * stride_ds)
+            lse = tl.load(LSE + start_m + offs_m)
+            delta = tl.load(DELTA + start_m + offs_m)
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
+        if not EVEN_Q:
+            row_ok = (m_full + offs_m) < S_Q
+            q = tl.load(q_ptrs + m_full * stride_qs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + m_full * stride_ds, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + m_full + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + m_full + offs_m, mask=row_ok, other=0.0)
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, q, do, lse, delta, qk_scale, UPCAST, PREC)
 
-    dq *= sm_scale  # S = c·QKᵀ  ⇒  dQ = c·dS K
-    tl.store(DQ + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        dk *= sm_scale  # S = c·QKᵀ  ⇒  dK = c·dSᵀQ
+        tl.store(_rows(DK, offs_n, stride_dks, stride_dkd, HEAD_DIM),
+                 dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(_rows(DV, offs_n, stride_dvs, stride_dvd, HEAD_DIM),
+                 dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    else:
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        row_ok = offs_m < S_Q
+
+        # Padded query rows: q = dO = 0 and L = Δ = 0 give p = 1, dS = 0, so they stay finite and
+        # are simply not stored.
+        q = tl.load(_rows(Q, offs_m, stride_qs, stride_qd, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+        do = tl.load(_rows(DO, offs_m, stride_ds, stride_dd, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        vT_ptrs = _rows_t(V, offs_n, stride_vs, stride_vd, HEAD_DIM)
+        k_ptrs = _rows(K, offs_n, stride_ks, stride_kd, HEAD_DIM)
+        no_mask = offs_n < BLOCK_N
+
+        n_full = (S_K // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            k = tl.load(k_ptrs + start_n * stride_ks)
+            vT = tl.load(vT_ptrs + start_n * stride_vs)
+            dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, no_mask, qk_scale,
+                             False, UPCAST, PREC)
+        if not EVEN_K:
+            col_ok = (n_full + offs_n) < S_K
+            k = tl.load(k_ptrs + n_full * stride_ks, mask=col_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs + n_full * stride_vs, mask=col_ok[None, :], other=0.0)
+            dq = _bwd_q_tile(dq, q, do, tl.trans(k), vT, k, lse, delta, col_ok, qk_scale,
+                             True, UPCAST, PREC)
+
+        dq *= sm_scale  # S = c·QKᵀ  ⇒  dQ = c·dS K
+        tl.store(_rows(DQ, offs_m, stride_dqs, stride_dqd, HEAD_DIM),
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Autotuned entry points. Heuristics sit below the autotuner so that the EVEN_* flags are
-# recomputed for whichever block sizes the config under test uses.
+# Autotuned entry points, one per launch. Heuristics sit below the autotuner so that the EVEN_*
+# flags are recomputed for whichever block sizes the config under test uses. The two backward
+# passes share a kernel but want different tiles, so each has its own autotuner and config
+# space; PASS is part of their key, so their results can never share an on-disk cache entry.
 _attn_fwd = triton.autotune(
-    _FWD_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
+    _FWD_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"], cache_results=True,
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 1)},
 )(_attn_fwd_kernel)
 _attn_bwd_dkdv = triton.autotune(
-    _DKDV_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
+    _DKDV_CONFIGS, key=["PASS", "S_Q", "S_K", "HEAD_DIM"], cache_results=True,
     prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", 2)},
-)(_attn_bwd_dkdv_kernel)
+)(_attn_bwd_kernel)
 _attn_bwd_dq = triton.autotune(
-    _DQ_CONFIGS, key=["S_Q", "S_K", "HEAD_DIM"],
+    _DQ_CONFIGS, key=["PASS", "S_Q", "S_K", "HEAD_DIM"], cache_results=True,
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 2)},
-)(_attn_bwd_dq_kernel)
+)(_attn_bwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,30 +527,21 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M,
     )
 
+    dq = alloc((B, H, S_q, D), q.dtype, dev)
     dk = alloc((B, H, S_k, D), q.dtype, dev)
     dv = alloc((B, H, S_k, D), q.dtype, dev)
+    args = (q, k, v, do, lse, delta, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            H, S_q, S_k, scale * LOG2E, scale)
 
     def grid_kv(meta):
         return (triton.cdiv(S_k, meta["BLOCK_N"]), B * H)
 
-    _attn_bwd_dkdv[grid_kv](
-        q, k, v, do, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, S_q, S_k, scale * LOG2E, scale,
-        HEAD_DIM=D, UPCAST=upcast, PREC=prec,
-    )
-
-    dq = alloc((B, H, S_q, D), q.dtype, dev)
-
     def grid_q(meta):
         return (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
 
-    _attn_bwd_dq[grid_q](
-        q, k, v, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, S_q, S_k, scale * LOG2E, scale,
-        HEAD_DIM=D, UPCAST=upcast, PREC=prec,
-    )
+    _attn_bwd_dkdv[grid_kv](*args, PASS=0, HEAD_DIM=D, UPCAST=upcast, PREC=prec)
+    _attn_bwd_dq[grid_q](*args, PASS=1, HEAD_DIM=D, UPCAST=upcast, PREC=prec)
     return dq, dk, dv
 
 

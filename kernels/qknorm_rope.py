@@ -24,13 +24,16 @@ From there it is exactly the RMSNorm backward (see kernels/rmsnorm.py). With g =
     dw = Σ_rows g' ∘ x̂
 
 dw is a column reduction over all B·H·S rows, done as in kernels/rmsnorm.py: a bounded grid of P
-programs walks the row blocks ``pid, pid + P, …``, each keeps its share of dw in fp32 registers
-and writes one partial row; ``partial.sum(0)`` adds the P rows. Deterministic, no atomics.
+programs (as many as the GPU holds at once, ``_bwd_grid``) walks the row blocks
+``pid, pid + P, …`` with the next blocks' loads prefetched, each keeps its share of dw in fp32
+registers and writes one partial row; ``partial.sum(0)`` adds the P rows. Deterministic, no
+atomics.
 
 Tiling: D ∈ {16, 32, 64, 128} is short, so each program takes BLOCK_ROWS = 4096 // D rows (the
-launch parameters of kernels/rmsnorm.py). A row is loaded as two (BLOCK_ROWS, D/2) tiles, the
-even and the odd elements, so both halves of a pair sit at the same tile position and the
-rotation is elementwise.
+launch parameters of kernels/rmsnorm.py). Rows are loaded and stored whole (contiguous along D,
+so as 128-bit vectors) and split in registers into two (BLOCK_ROWS, D/2) tiles, the even and the
+odd elements, so both halves of a pair sit at the same tile position and the rotation is
+elementwise.
 
 Layout: x is read through its batch, head and sequence strides, so a permuted view of a packed
 (B, S, 3, H, D) projection needs no copy (only a non-unit stride along D forces one). y and dx
@@ -47,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc, eager_or_op, kernel_op
-from .rmsnorm import _launch_params, _num_partials
+from .rmsnorm import _bwd_grid, _launch_params
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "qk_norm_rope_forward", "qk_norm_rope_backward"]
 
@@ -62,6 +65,18 @@ def _row_offsets(rows64, S, H, stride_b, stride_h, stride_s):
 
 
 @triton.jit
+def _even_odd(t, ROWS: tl.constexpr, D: tl.constexpr):
+    """The even and the odd columns of a (ROWS, D) tile, as two (ROWS, D/2) tiles."""
+    return tl.split(tl.reshape(t, [ROWS, D // 2, 2]))
+
+
+@triton.jit
+def _interleave(t0, t1, ROWS: tl.constexpr, D: tl.constexpr):
+    """The (ROWS, D) tile whose even columns are t0 and odd columns t1 (undoes ``_even_odd``)."""
+    return tl.reshape(tl.join(t0, t1), [ROWS, D])
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(
     X, W, COS, SIN,           # X: (B, H, S, D), strides below, unit stride along D; W: (D,);
                               # COS, SIN: fp32 (S, D/2) contiguous
@@ -73,25 +88,23 @@ def _qk_norm_rope_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)  # B·H·S·D can exceed 2³¹
+    cols = tl.arange(0, D)
     pairs = tl.arange(0, D // 2)
-    even = 2 * pairs          # odd elements are at even + 1
-    mask = row_ok[:, None]    # broadcast over the D/2 columns, which are never out of range
+    mask = row_ok[:, None]    # broadcast over the columns, which are never out of range
 
-    x_ptr = X + _row_offsets(rows64, S, H, stride_xb, stride_xh, stride_xs)[:, None] + even[None, :]
-    x0 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x_ptr + 1, mask=mask, other=0.0).to(tl.float32)
-    w0 = tl.load(W + even).to(tl.float32)
-    w1 = tl.load(W + even + 1).to(tl.float32)
+    x = tl.load(X + _row_offsets(rows64, S, H, stride_xb, stride_xh, stride_xs)[:, None] + cols[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = _even_odd(x, BLOCK_ROWS, D)
+    w0, w1 = _even_odd(tl.load(W + cols).to(tl.float32)[None, :], 1, D)
     rope = (rows64 % S)[:, None] * (D // 2) + pairs[None, :]
     cs = tl.load(COS + rope, mask=mask, other=0.0)
     sn = tl.load(SIN + rope, mask=mask, other=0.0)
 
-    rstd = tl.math.rsqrt((tl.sum(x0 * x0, 1) + tl.sum(x1 * x1, 1)) / D + eps)
-    n0 = x0 * rstd[:, None] * w0[None, :]
-    n1 = x1 * rstd[:, None] * w1[None, :]
-    y_ptr = Y + rows64[:, None] * D + even[None, :]
-    tl.store(y_ptr, (n0 * cs - n1 * sn).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + 1, (n0 * sn + n1 * cs).to(Y.dtype.element_ty), mask=mask)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / D + eps)
+    n0 = x0 * rstd[:, None] * w0
+    n1 = x1 * rstd[:, None] * w1
+    y = _interleave(n0 * cs - n1 * sn, n0 * sn + n1 * cs, BLOCK_ROWS, D)
+    tl.store(Y + rows64[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -102,28 +115,28 @@ def _qk_norm_rope_bwd_kernel(
     stride_xb, stride_xh, stride_xs,
     stride_dyb, stride_dyh, stride_dys,
     S, H, M,
-    D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    D: tl.constexpr, BLOCK_ROWS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    cols = tl.arange(0, D)
     pairs = tl.arange(0, D // 2)
-    even = 2 * pairs
-    w0 = tl.load(W + even).to(tl.float32)
-    w1 = tl.load(W + even + 1).to(tl.float32)
+    w0, w1 = _even_odd(tl.load(W + cols).to(tl.float32)[None, :], 1, D)
     dw0 = tl.zeros([BLOCK_ROWS, D // 2], dtype=tl.float32)  # summed over rows after the loop
     dw1 = tl.zeros([BLOCK_ROWS, D // 2], dtype=tl.float32)
 
-    # Grid-stride over row blocks: P programs, hence P partial dw rows, whatever M is.
-    for rb in range(pid, tl.cdiv(M, BLOCK_ROWS), tl.num_programs(0)):
+    # Grid-stride over row blocks: P programs, hence P partial dw rows, whatever M is. The loads of
+    # the next NUM_STAGES − 1 row blocks are in flight while this one is computed.
+    for rb in tl.range(pid, tl.cdiv(M, BLOCK_ROWS), tl.num_programs(0), num_stages=NUM_STAGES):
         rows = rb * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
         mask = row_ok[:, None]
-        x_ptr = X + _row_offsets(rows64, S, H, stride_xb, stride_xh, stride_xs)[:, None] + even[None, :]
-        dy_ptr = DY + _row_offsets(rows64, S, H, stride_dyb, stride_dyh, stride_dys)[:, None] + even[None, :]
-        x0 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + 1, mask=mask, other=0.0).to(tl.float32)
-        dy0 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
-        dy1 = tl.load(dy_ptr + 1, mask=mask, other=0.0).to(tl.float32)
+        x_off = _row_offsets(rows64, S, H, stride_xb, stride_xh, stride_xs)
+        dy_off = _row_offsets(rows64, S, H, stride_dyb, stride_dyh, stride_dys)
+        x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + dy_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x0, x1 = _even_odd(x, BLOCK_ROWS, D)
+        dy0, dy1 = _even_odd(dy, BLOCK_ROWS, D)
         rope = (rows64 % S)[:, None] * (D // 2) + pairs[None, :]
         cs = tl.load(COS + rope, mask=mask, other=0.0)
         sn = tl.load(SIN + rope, mask=mask, other=0.0)
@@ -135,19 +148,17 @@ def _qk_norm_rope_bwd_kernel(
         gr1 = dy1 * cs - dy0 * sn
         xhat0 = x0 * rstd[:, None]
         xhat1 = x1 * rstd[:, None]
-        g0 = gr0 * w0[None, :]
-        g1 = gr1 * w1[None, :]
+        g0 = gr0 * w0
+        g1 = gr1 * w1
         c = (tl.sum(g0 * xhat0, 1) + tl.sum(g1 * xhat1, 1)) / D
-        dx_ptr = DX + rows64[:, None] * D + even[None, :]
-        tl.store(dx_ptr, ((g0 - xhat0 * c[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
-        tl.store(dx_ptr + 1, ((g1 - xhat1 * c[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
+        dx = _interleave(g0 - xhat0 * c[:, None], g1 - xhat1 * c[:, None], BLOCK_ROWS, D) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw0 += gr0 * xhat0
         dw1 += gr1 * xhat1
 
     # Written even if this program got no rows (then it is zeros): stage 2 sums every row.
-    dw_ptr = DW_PARTIAL + pid.to(tl.int64) * D + even
-    tl.store(dw_ptr, tl.sum(dw0, 0))
-    tl.store(dw_ptr + 1, tl.sum(dw1, 0))
+    dw = _interleave(tl.sum(dw0, 0)[None, :], tl.sum(dw1, 0)[None, :], 1, D)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols[None, :], dw)
 
 
 def _check(x, weight, cos, sin) -> None:
@@ -207,13 +218,14 @@ def qk_norm_rope_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     m = b * h * s
     dx = alloc((b, h, s, d), x.dtype, x.device)
     _, block_rows, num_warps = _launch_params(d)
-    n_prog = _num_partials(triton.cdiv(m, block_rows), x.device)
+    # Per element of a row the loop loads x, dy and 4 bytes of RoPE table (fp32 cos, sin: D/2 each).
+    n_prog, num_stages = _bwd_grid(d, m, x.element_size() + dy.element_size() + 4, x.device)
     partial = alloc((n_prog, d), torch.float32, x.device)
     if m > 0:
         _qk_norm_rope_bwd_kernel[(n_prog,)](
             x, weight.contiguous(), cos.contiguous(), sin.contiguous(), dy, rstd, dx, partial,
             x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), s, h, m,
-            D=d, BLOCK_ROWS=block_rows, num_warps=num_warps,
+            D=d, BLOCK_ROWS=block_rows, NUM_STAGES=num_stages, num_warps=num_warps,
         )
     else:
         partial.zero_()

@@ -19,10 +19,18 @@ and the weight gradient sums over all rows::
 
 dw is a column reduction over M rows. Instead of atomics (nondeterministic) or one partial row per
 program (M·N·4 extra bytes for tall inputs), the backward kernel launches a bounded number P of
-programs (≈ 2 × SM count on CUDA, 4 for CPU tensors under the interpreter). Each program walks
-row blocks ``pid, pid + P, pid + 2P, …``, writes dx for them and keeps its share of dw in fp32
-registers; at the end it writes one fp32 partial row. A second stage sums the P × N partials
-(``torch.sum``, cheap because P is small).
+programs. Each program walks row blocks ``pid, pid + P, pid + 2P, …``, writes dx for them and
+keeps its share of dw in fp32 registers; at the end it writes one fp32 partial row. A second stage
+sums the P × N partials (``torch.sum``, cheap because P is small).
+
+The backward is bandwidth-bound, so what matters is how many bytes are in flight (``_bwd_grid``):
+
+* P is as many programs as the GPU keeps resident at once: per SM the least of what its threads,
+  registers and shared memory allow, times the SM count (4 for CPU tensors under the
+  interpreter, so that tests still loop). More would only queue behind the resident ones.
+* The row loop is a ``tl.range(..., num_stages=S)``: the compiler issues the loads of the next
+  S − 1 row blocks (cp.async into shared memory) before the current one is computed, as in
+  Triton's fused-softmax tutorial. S is 3 where the two buffers fit in ``PREFETCH_BYTES``.
 
 Tiling: every program holds a BLOCK_ROWS × BLOCK_N tile, BLOCK_N = next_pow2(N) (columns masked
 beyond N). Wide rows (N > 512, so BLOCK_N ≥ 1024) use one row per program; short rows such as
@@ -68,12 +76,36 @@ def _launch_params(n: int) -> Tuple[int, int, int]:
     return block_n, block_rows, num_warps
 
 
-def _num_partials(n_row_blocks: int, device: torch.device) -> int:
+# Shared memory one backward program may fill with prefetched loads: two steps ahead while a
+# step (the loads of one row block) is at most 32 KiB, one step up to 64 KiB, none beyond.
+PREFETCH_BYTES = 64 * 1024
+# Registers per thread of the backward kernels at the launch parameters above, as sm_90 compiles
+# them (tools/aot.py --all): 64 for most row widths; N = 512, 8192 and 16384 take more (81, 116,
+# 128), so fewer of their programs are resident than estimated and the rest run in a second wave.
+BWD_REGS = 64
+
+
+def _bwd_grid(n: int, m: int, bytes_per_element: int, device: torch.device) -> Tuple[int, int]:
+    """(P, num_stages) for a grid-stride backward over ``m`` rows of length ``n`` (tiled by
+    ``_launch_params``) whose loop loads ``bytes_per_element`` per element of a row.
+
+    P programs, hence P partial dw rows: as many as fit on the GPU at once, never more than there
+    are row blocks. num_stages − 1 row blocks are prefetched into shared memory.
+    """
+    block_n, block_rows, num_warps = _launch_params(n)
+    step_bytes = block_rows * block_n * bytes_per_element
+    num_stages = 1 + min(2, PREFETCH_BYTES // step_bytes)
     if device.type == "cuda":
-        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * num_warps
+        smem = (num_stages - 1) * step_bytes + 1024  # + the 1 KiB the driver reserves per block
+        per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
+                     getattr(props, "regs_per_multiprocessor", 65536) // (BWD_REGS * threads),
+                     getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // smem)
+        cap = props.multi_processor_count * max(1, per_sm)
     else:
         cap = 4  # CPU tensors (interpreter): few programs, each still gets several row blocks in tests
-    return max(1, min(cap, n_row_blocks))
+    return max(1, min(cap, triton.cdiv(m, block_rows))), num_stages
 
 
 @triton.jit
@@ -108,7 +140,7 @@ def _rms_norm_bwd_kernel(
     DX, DW_PARTIAL,           # dx (M, N); fp32 (P, N) partial dw rows, one per program
     stride_xm, stride_dym, stride_dxm,
     M, N,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
@@ -121,8 +153,9 @@ def _rms_norm_bwd_kernel(
 
     n_blocks = tl.cdiv(M, BLOCK_ROWS)
     # Grid-stride over row blocks: the number of dw partial rows is fixed by the grid (P), not
-    # by M, which keeps the second-stage reduction small for the 500k-row QK-norm inputs.
-    for rb in range(pid, n_blocks, n_progs):
+    # by M, which keeps the second-stage reduction small for the 500k-row QK-norm inputs. The
+    # loads of the next NUM_STAGES − 1 row blocks are in flight while this one is computed.
+    for rb in tl.range(pid, n_blocks, n_progs, num_stages=NUM_STAGES):
         rows = rb * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -209,13 +242,13 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     m = x2.shape[0]
     dx = alloc((m, n), x.dtype, x.device)
     block_n, block_rows, num_warps = _launch_params(n)
-    n_prog = _num_partials(triton.cdiv(m, block_rows), x.device)
+    n_prog, num_stages = _bwd_grid(n, m, x2.element_size() + dy2.element_size(), x.device)
     partial = alloc((n_prog, n), torch.float32, x.device)
     if m > 0:
         _rms_norm_bwd_kernel[(n_prog,)](
             x2, weight.contiguous(), dy2, rstd, dx, partial,
             x2.stride(0), dy2.stride(0), dx.stride(0), m, n,
-            BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=num_warps,
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, NUM_STAGES=num_stages, num_warps=num_warps,
         )
     else:
         partial.zero_()

@@ -7,6 +7,7 @@ anything imports `kernels` -- a conftest runs before test modules are collected.
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,3 +15,12 @@ if not torch.cuda.is_available():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def poison_and_seed(monkeypatch):
+    """For the kernel tests: every buffer a kernel is meant to fill starts as NaN (the
+    ``kernels._common.POISON`` hook), so an element it leaves unwritten shows up; fixed seed."""
+    from kernels import _common
+    monkeypatch.setattr(_common, "POISON", True)
+    torch.manual_seed(0)

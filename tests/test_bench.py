@@ -180,7 +180,7 @@ def test_judge_verdicts():
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM"),
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "GEMM"),
     ("aten::addmm", "GEMM"),
-    ("_attn_bwd_dkdv_kernel", "attention"),
+    ("_attn_bwd_kernel", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
     ("void fmha_cutlassB_bf16_aligned_64x64_k64_sm80(...)", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),

@@ -22,19 +22,10 @@ import torch
 
 import kernels
 import kernels.flash_attention as fa
-from kernels import INTERPRET, _common, rmsnorm
+from kernel_cases import DEVICES, TOL, rel_err
+from kernels import INTERPRET, rmsnorm
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
-]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_seed(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("poison_and_seed")
 
 
 @pytest.fixture
@@ -67,15 +58,6 @@ def triton_backend():
     kernels.set_backend("triton")
     yield
     kernels.set_backend("auto")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative L2 error; plain L2 error when the reference is exactly zero."""
-    out, ref = out.detach().double(), ref.detach().double()
-    assert torch.isfinite(out).all(), "non-finite values (unwritten NaN-poisoned element?)"
-    denom = ref.norm().item()
-    err = (out - ref).norm().item()
-    return err / denom if denom > 0 else err
 
 
 # ------------------------------------------------------------------------------------------
@@ -348,16 +330,36 @@ def test_rms_norm_matches_fp64(device, shape, dtype):
 def test_rms_norm_partial_dw_loop(device, n):
     # More row blocks than partial-dw programs, so each program loops several times and the
     # second-stage sum has to combine the per-program rows correctly.
-    block_n, block_rows, _ = rmsnorm._launch_params(n)
-    n_blocks_wanted = 3 * rmsnorm._num_partials(10 ** 9, torch.device(device)) + 1
-    rows = n_blocks_wanted * block_rows - 3  # and a partial last block
+    _, block_rows, _ = rmsnorm._launch_params(n)
+    fp32_x_dy = 8  # bytes the backward loads per element
+    n_prog_max, _ = rmsnorm._bwd_grid(n, 10 ** 9, fp32_x_dy, torch.device(device))
+    rows = (3 * n_prog_max + 1) * block_rows - 3  # and a partial last block
     if device == "cuda":
         rows = min(rows, 1 << 20)
     x = torch.randn(rows, n, device=device)
     w = 1.0 + 0.5 * torch.randn(n, device=device)
-    n_prog = rmsnorm._num_partials(-(-rows // block_rows), x.device)
+    n_prog, _ = rmsnorm._bwd_grid(n, rows, fp32_x_dy, x.device)
     assert -(-rows // block_rows) > n_prog
     check_rms_norm(x, w)
+
+
+def test_rms_norm_backward_grid(monkeypatch):
+    """The CUDA branch of ``_bwd_grid``, with H100 properties: P is what stays resident at once."""
+    from types import SimpleNamespace
+    h100 = SimpleNamespace(multi_processor_count=132, max_threads_per_multi_processor=2048,
+                           regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=228 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    cuda = torch.device("cuda")
+    bf16_x_dy, fp32_x_dy = 4, 8  # bytes loaded per element of a row
+    # N = 2048: 8 warps of 64-register threads, 4 programs per SM; two 8 KiB steps prefetched.
+    assert rmsnorm._bwd_grid(2048, 32768, bf16_x_dy, cuda) == (132 * 4, 3)
+    # N = 128: 32 rows per program at 16 warps, 2 programs per SM.
+    assert rmsnorm._bwd_grid(128, 491520, bf16_x_dy, cuda) == (132 * 2, 3)
+    # Never more programs than row blocks.
+    assert rmsnorm._bwd_grid(2048, 10, bf16_x_dy, cuda) == (10, 3)
+    # Wide rows: one 64 KiB step prefetched; a 128 KiB step (fp32) is not prefetched at all.
+    assert rmsnorm._bwd_grid(16384, 32768, bf16_x_dy, cuda)[1] == 2
+    assert rmsnorm._bwd_grid(16384, 32768, fp32_x_dy, cuda)[1] == 1
 
 
 @pytest.mark.gpu_check

@@ -10,26 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _common, qknorm_rope, rmsnorm
-from kernels._common import INTERPRET
+from kernel_cases import DEVICES, TOL, rel_err
+from kernels import qknorm_rope, rmsnorm
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
-]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_seed(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
-    torch.manual_seed(0)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    assert torch.isfinite(out).all(), "non-finite values (unwritten NaN-poisoned element?)"
-    return ((out - ref).norm() / ref.norm()).item()
+pytestmark = pytest.mark.usefixtures("poison_and_seed")
 
 
 def rope_tables(s, d, device, theta=10000.0):
@@ -102,7 +86,7 @@ def test_strided_qkv_view_and_fp32_weight(device, dtype):
 def test_partial_dw_loop(device, d):
     # More row blocks than partial-dw programs (each program loops), and a partial last block.
     _, block_rows, _ = rmsnorm._launch_params(d)
-    n_prog = rmsnorm._num_partials(10 ** 9, torch.device(device))
+    n_prog, _ = rmsnorm._bwd_grid(d, 10 ** 9, 4 + 4 + 4, torch.device(device))  # fp32 x, dy; cos, sin
     rows = (2 * n_prog + 1) * block_rows - 3
     s = rows // 3 if device == "cpu" else rows  # B·H·S = rows with (B, H) = (1, 3) on CPU
     x, w, cos, sin = rand_inputs(1, rows // s, s, d, torch.float32, device)

@@ -5,8 +5,9 @@ interpreter accepts can still fail in the compiler, or compile into slow code. T
 own LLVM, ptxas and cuobjdump, so the whole pipeline down to a cubin runs on a CPU. For each
 kernel and launch configuration this reports what costs no GPU time to read: registers per
 thread, spilled bytes (local memory), shared memory, whether the attention matmuls use Hopper's
-warpgroup tensor-core instructions (HGMMA in the SASS) or the older HMMA path, and whether global
-loads are pipelined through shared memory (cp.async) and vectorised (128-bit ld.global.v4).
+warpgroup tensor-core instructions (HGMMA in the SASS) or the older HMMA path, whether global
+loads are pipelined through shared memory (cp.async), go through the Tensor Memory Accelerator
+(TMA: cp.async.bulk.tensor) and are vectorised (128-bit: ld.global.v4 or 16-byte cp.async).
 
 The arguments are specialised exactly as Triton's launcher does on a GPU, from representative
 values: 16-byte aligned pointers and integers divisible by 16 carry a divisibility hint, and an
@@ -15,7 +16,8 @@ that the compiler cannot prove contiguity and emits scalar, unpipelined loads: a
 kernel from the one the GPU runs.
 
     python tools/aot.py                  # sm_90 (H100/H200), one config per kernel
-    python tools/aot.py --all --arch 90  # every autotune config that survives pruning
+    python tools/aot.py --all --arch 90  # every autotune config that survives pruning, and RMSNorm
+                                         # rows of 64 to 16384
 
 Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compiled).
 """
@@ -38,15 +40,19 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 import kernels.flash_attention as fa  # noqa: E402
-from kernels import INTERPRET, rmsnorm  # noqa: E402
+from kernels import INTERPRET, qknorm_rope, rmsnorm  # noqa: E402
 
-# Pointer arguments by name: fp32 buffers (statistics and partial sums); every other pointer bf16.
-FP32_POINTERS = {"LSE", "DELTA", "RSTD", "DW_PARTIAL"}
+# Pointer arguments by name: fp32 buffers (statistics, partial sums, RoPE tables); every other
+# pointer bf16.
+FP32_POINTERS = {"LSE", "DELTA", "RSTD", "DW_PARTIAL", "COS", "SIN"}
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X", "W", "Y", "DY", "DX"}
 FLOATS = {"qk_scale", "sm_scale", "eps"}
-# Representative launch: contiguous (B, H, S, D) attention tensors with a ragged S (no
-# divisibility hint on the length), and (M, N) RMSNorm rows.
-ATTN_DIMS = {"B": 2, "H": 2, "S": 589}
+# Bytes a backward kernel loads per element of a row (bf16 x and dy; QK-norm adds fp32 cos, sin
+# of D/2 each), which sets its prefetch depth; any device gives the same depth, cpu avoids CUDA.
+RMS_BWD_BYTES, QK_BWD_BYTES, HOST = 2 + 2, 2 + 2 + 4, torch.device("cpu")
+# Representative launch: contiguous (B, H, S, D) attention and QK-norm tensors with a ragged S
+# (no divisibility hint on the length), and (M, N) RMSNorm rows.
+ATTN_DIMS = {"B": 2, "H": 2, "S": 589, "M": 2 * 2 * 589}  # M: the B·H·S rows QK-norm sees
 RMS_ROWS = 1000
 
 
@@ -64,7 +70,7 @@ def example_value(name: str, dims: dict):
     if name.startswith("stride"):
         n, s = dims.get("D", dims.get("N")), dims.get("S", 1)
         return {"d": 1, "s": n, "h": s * n, "b": dims.get("H", 1) * s * n, "m": n}[name[-1]]
-    return {"H": dims.get("H"), "S_Q": dims.get("S"), "S_K": dims.get("S"),
+    return {"H": dims.get("H"), "S": dims.get("S"), "S_Q": dims.get("S"), "S_K": dims.get("S"),
             "M": dims.get("M"), "N": dims.get("N")}[name]
 
 
@@ -99,8 +105,11 @@ def resources(cubin: bytes) -> dict[str, int | bool]:
 
 
 def load_facts(ptx: str) -> dict[str, bool]:
-    """Pipelined (cp.async into shared memory) and 128-bit vectorised global loads, from the PTX."""
-    return {"cp_async": "cp.async." in ptx, "v4": re.search(r"ld\.global[\w.]*\.v4", ptx) is not None}
+    """From the PTX: loads pipelined through shared memory (cp.async), TMA tensor copies
+    (cp.async.bulk.tensor) and 128-bit global loads (ld.global.v4, or cp.async of 16 bytes)."""
+    v4 = re.search(r"ld\.global[\w.]*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, (?:16|0x10)\b", ptx)
+    return {"cp_async": re.search(r"cp\.async\.c[ag]\.", ptx) is not None,
+            "tma": "cp.async.bulk.tensor" in ptx, "v4": v4 is not None}
 
 
 def compile_one(obj, constexprs: dict, dims: dict, arch: int, num_warps: int, num_stages: int) -> dict:
@@ -115,44 +124,58 @@ def compile_one(obj, constexprs: dict, dims: dict, arch: int, num_warps: int, nu
             **resources(kernel.asm["cubin"]), **load_facts(kernel.asm["ptx"])}
 
 
-def cases(all_configs: bool, head_dims=(64, 128), rms_widths=(128, 2048)):
-    """(kernel object, constexprs, dims, num_warps, num_stages) as the wrappers launch them on a GPU."""
+def cases(all_configs: bool, head_dims=(64, 128)):
+    """(kernel object, constexprs, dims, num_warps, num_stages) as the wrappers launch them on a GPU.
+
+    RMSNorm: two row widths, or with ``all_configs`` one per tiling class of ``_launch_params``.
+    """
+    rms_widths = (64, 128, 512, 1024, 2048, 4096, 8192, 16384) if all_configs else (128, 2048)
     common = {"UPCAST": False, "PREC": "tf32"}  # bf16 operands, as _dot_flags gives on a GPU
+    ragged = {"EVEN_K": False, "EVEN_Q": False}  # the heuristics' flags for the S of ATTN_DIMS
     for d in head_dims:
-        # Flags as the heuristics set them for the ragged S of ATTN_DIMS.
+        dims = {**ATTN_DIMS, "D": d}
         for tuner, flags in ((fa._attn_fwd, {"EVEN_K": False}),
-                             (fa._attn_bwd_dkdv, {"EVEN_Q": False}),
-                             (fa._attn_bwd_dq, {"EVEN_K": False})):
+                             (fa._attn_bwd_dkdv, {"PASS": 0, **ragged}),
+                             (fa._attn_bwd_dq, {"PASS": 1, **ragged})):
             configs = tuner.early_config_prune(tuner.configs, {"HEAD_DIM": d}) if tuner.early_config_prune \
                 else tuner.configs
             for cfg in configs if all_configs else configs[:1]:
-                yield (tuner, {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}, {**ATTN_DIMS, "D": d},
-                       cfg.num_warps, cfg.num_stages)
-        yield fa._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, {**ATTN_DIMS, "D": d}, 4, 3
+                const = {"HEAD_DIM": d, **cfg.kwargs, **flags, **common}
+                yield tuner, const, dims, cfg.num_warps, cfg.num_stages
+        yield fa._attn_bwd_preprocess_kernel, {"HEAD_DIM": d, "BLOCK_M": 64}, dims, 4, 3
+        _, rows, warps = rmsnorm._launch_params(d)
+        _, stages = rmsnorm._bwd_grid(d, dims["M"], QK_BWD_BYTES, HOST)
+        yield qknorm_rope._qk_norm_rope_fwd_kernel, {"D": d, "BLOCK_ROWS": rows}, dims, warps, 3
+        yield (qknorm_rope._qk_norm_rope_bwd_kernel, {"D": d, "BLOCK_ROWS": rows, "NUM_STAGES": stages},
+               dims, warps, 3)
     for n in rms_widths:
-        block_n, block_rows, warps = rmsnorm._launch_params(n)
-        for kernel in (rmsnorm._rms_norm_fwd_kernel, rmsnorm._rms_norm_bwd_kernel):
-            yield kernel, {"BLOCK_ROWS": block_rows, "BLOCK_N": block_n}, {"M": RMS_ROWS, "N": n}, warps, 3
+        block_n, rows, warps = rmsnorm._launch_params(n)
+        _, stages = rmsnorm._bwd_grid(n, RMS_ROWS, RMS_BWD_BYTES, HOST)
+        dims = {"M": RMS_ROWS, "N": n}
+        yield rmsnorm._rms_norm_fwd_kernel, {"BLOCK_ROWS": rows, "BLOCK_N": block_n}, dims, warps, 3
+        yield (rmsnorm._rms_norm_bwd_kernel, {"BLOCK_ROWS": rows, "BLOCK_N": block_n, "NUM_STAGES": stages},
+               dims, warps, 3)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Compile the Triton kernels for a GPU target without a GPU.")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
-    p.add_argument("--all", action="store_true", help="every autotune config, not just the first")
+    p.add_argument("--all", action="store_true",
+                   help="every autotune config, not just the first, and every RMSNorm row-width class")
     args = p.parse_args(argv)
     if INTERPRET:
         print("aot.py: unset TRITON_INTERPRET (the interpreter does not compile kernels)", file=sys.stderr)
         return 2
-    print(f"{'kernel':<30} {'config':<58} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} "
-          f"{'async':>5} {'v4':>3} {'s':>5}")
+    print(f"{'kernel':<30} {'config':<70} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5} "
+          f"{'async':>5} {'tma':>3} {'v4':>3} {'s':>5}")
     yes = {True: "yes", False: "no"}
     for obj, const, dims, warps, stages in cases(args.all):
         r = compile_one(obj, const, dims, args.arch, warps, stages)
         shown = ",".join(f"{k}={v}" for k, v in const.items() if k not in ("UPCAST", "PREC"))
         mma = "HGMMA" if r["hgmma"] else "HMMA" if r["hmma"] else "-"
-        print(f"{r['kernel']:<30} {shown + f',w{warps},s{stages}':<58} {r['regs']:>4} {r['local']:>5} "
-              f"{r['shared']:>6} {mma:>5} {yes[r['cp_async']]:>5} {yes[r['v4']]:>3} {r['compile_s']:>5}",
-              flush=True)
+        print(f"{r['kernel']:<30} {shown + f',w{warps},s{stages}':<70} {r['regs']:>4} {r['local']:>5} "
+              f"{r['shared']:>6} {mma:>5} {yes[r['cp_async']]:>5} {yes[r['tma']]:>3} {yes[r['v4']]:>3} "
+              f"{r['compile_s']:>5}", flush=True)
     return 0
 
 

@@ -7,7 +7,7 @@ Sections (``--only`` picks one; the ceilings always run first, every percentage 
    kernels against SDPA with the backend pinned (flash, cuDNN, efficient; a backend that refuses a
    shape is n/a). FLOPs: forward 4·B·H·S²·D, backward 2.5 × forward, forward+backward 3.5 ×.
 3. RMSNorm, bf16: ours against eager ``F.rms_norm`` and ``torch.compile`` of it. Bytes, the same
-   for every implementation: forward 4·M·N + 4·M, backward 6·M·N + 4·M + 8·P·N (P = 2 × SMs).
+   for every implementation: forward 4·M·N + 4·M, backward 6·M·N + 4·M + 8·P·N (P = the partial rows the kernel launches).
    A shape marked "graph" (in either table) is timed as a CUDA-graph replay (forward,
    forward+backward): device time without the host's. It carries no target.
 4. QK-norm + RoPE, bf16 (B, H, S, D): the fused kernel against the eager reference and
@@ -315,16 +315,16 @@ def triton_eager_compiled(triton_fn: Callable, eager_fn: Callable) -> Callable[[
     return impls
 
 
-def dw_partial_rows() -> int:
-    """P, the fp32 partial rows of a weight gradient (2 per SM, as kernels/rmsnorm.py launches)."""
-    return 2 * (torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 1)
+def dw_partial_rows(n: int, m: int, bytes_per_element: int) -> int:
+    """P, the fp32 partial dw rows the backward kernel launches for m rows of n (kernels/rmsnorm.py)."""
+    return rmsnorm._bwd_grid(n, m, bytes_per_element, torch.device(DEVICE))[0]
 
 
 def run_rmsnorm(timer: Callable, ceil: Dict[str, float], sheet_tbs: Optional[float],
                 shapes: List[tuple]) -> List[dict]:
     impls = triton_eager_compiled(lambda x, w: rmsnorm.triton_rms_norm(x, w, EPS),
                                   lambda x, w: F.rms_norm(x, (x.shape[-1],), w, EPS))
-    results = run_table(timer, shapes, lambda M, N: rms_norm_case(M, N, dw_partial_rows()), impls, RMS_TOL,
+    results = run_table(timer, shapes, lambda M, N: rms_norm_case(M, N, dw_partial_rows(N, M, 4)), impls, RMS_TOL,
                         "GBps", ceil["copy_TBps"] * 1e3, sheet_tbs and sheet_tbs * 1e3)
     report("RMSNorm, bf16, shape M,N (x<base> = base ms / ours ms; %ceil = % of measured copy bandwidth; "
            "graph = device time of a CUDA-graph replay)", results, "GBps", RMS_TOL,
@@ -347,7 +347,8 @@ def qknorm_case(B: int, H: int, S: int, D: int) -> tuple:
     c, s_ = cos.double(), sin.double()
     y = torch.stack([n0 * c - n1 * s_, n0 * s_ + n1 * c], -1).flatten(-2)
     y.backward(dy.double())
-    M, P = B * H * S, dw_partial_rows()
+    M = B * H * S
+    P = dw_partial_rows(D, M, 8)  # bytes per element as kernels/qknorm_rope.py sizes its grid
     nbytes = {"fwd": 4.0 * M * D + 4 * M, "bwd": 6.0 * M * D + 4 * M + 8.0 * P * D}
     QK_ROPE.update(cos=cos, sin=sin)
     return (x, w), dy, (y.detach(), xd.grad, wd.grad), {**nbytes, "fwd+bwd": nbytes["fwd"] + nbytes["bwd"]}
@@ -653,7 +654,7 @@ def run(args: argparse.Namespace, timer: Callable) -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "datasheet_bf16_TFLOPs": sheet[0], "datasheet_HBM_TBps": sheet[1],
         "flop_convention": "attention fwd 4*B*H*S^2*D, bwd 2.5x fwd (includes recompute), fwd+bwd 3.5x fwd",
-        "bytes_convention": "rmsnorm fwd 4MN+4M, bwd 6MN+4M+8PN (P=2*SMs), bf16; same bytes for every impl",
+        "bytes_convention": "rmsnorm fwd 4MN+4M, bwd 6MN+4M+8PN (P=partial dw rows launched), bf16; same bytes for every impl",
         "timing": f"triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms, L2 flushed per run",
         "notes": "torch.compile baselines run with functorch donated_buffer=False (needed for retain_graph)",
     }
