@@ -17,9 +17,8 @@ Time convention (used everywhere in this repository):
     x_t = (1 - t) * x0 + t * eps,   t = 0 is data, t = 1 is pure noise,
     velocity u = eps - x0, and sampling integrates from t = 1 down to t = 0.
 
-Sections: config | layers | blocks | model | depth normalisation | training loss | sampler.
-RECIPE.md states every formula and marks the choices the paper leaves open; comments here cite
-its sections as (RECIPE n).
+Sections: config | layers | blocks | model | depth | loss | sampler. RECIPE.md states every formula
+and marks the choices the paper leaves open; comments cite its sections as (RECIPE n).
 """
 from __future__ import annotations
 
@@ -614,12 +613,9 @@ def shift_schedule(u: torch.Tensor, mu: float) -> torch.Tensor:
 
 def rollout_timesteps(num_steps: int, mode: str = "joint", shift_mu: float = SHIFT_MU,
                       log2_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-modality time grids for the sampler -> (t_rgb, t_depth), each (num_steps + 1,) float64,
-    from 1 (noise) to 0 (data); a frozen modality is 0 throughout.
-
-    joint with log2_alpha: t_depth = f(t_rgb), f(t) = a*t / (1 + (a-1)*t), a = 2^log2_alpha, a Moebius
-    warp fixing 0 and 1: a > 1 denoises RGB first, a < 1 depth first (RECIPE 4.2).
-    """
+    """Per-modality time grids -> (t_rgb, t_depth), each (num_steps + 1,) float64 from 1 (noise) to
+    0 (data); a frozen modality is 0 throughout. joint with log2_alpha: t_depth = a*t / (1 + (a-1)*t)
+    of t = t_rgb, a = 2^log2_alpha, fixing 0 and 1: a > 1 denoises RGB first (RECIPE 4.2)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     u = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
@@ -651,13 +647,11 @@ def _initial_state(model: MoFo, B: int, mode: str, rgb, depth, depth_valid, seed
     gens, n = [torch.Generator(dev).manual_seed(s) for s in seeds], B // len(seeds)
     x_rgb = torch.cat([torch.randn(n, 3, Hpx, Wpx, generator=g, device=dev) for g in gens])
     eps_dep = torch.cat([torch.randn(n, Hpx, Wpx, generator=g, device=dev) for g in gens]) if has_depth else None
-    if rgb is not None:
-        x_rgb = rgb.to(dev, torch.float32)
-    known = None
-    if depth is not None:
-        depth = depth.to(dev, torch.float32)
-        known = torch.ones_like(depth, dtype=torch.bool) if depth_valid is None else depth_valid.to(dev).bool()
-    return x_rgb, eps_dep, eps_dep, known, depth
+    x_rgb = x_rgb if rgb is None else rgb.to(dev, torch.float32)
+    if depth is None:
+        return x_rgb, eps_dep, eps_dep, None, None
+    known = torch.ones_like(depth, dtype=torch.bool) if depth_valid is None else depth_valid.to(dev).bool()
+    return x_rgb, eps_dep, eps_dep, known, depth.to(dev, torch.float32)
 
 
 def guide(pred: torch.Tensor | None, scale: float) -> torch.Tensor | None:
@@ -679,9 +673,8 @@ def sample(model: MoFo, text_ids: torch.Tensor, *, mode: str = "joint", rgb: tor
     depth_valid marks the known depth pixels: in d2i the others are noise, as in training; in
     joint / i2d the known ones are re-imposed at every step's noise level and the model completes
     the rest (RECIPE 4.4). cfg_scale > 1 adds an unconditional pass on the "" caption. `seed`
-    seeds the batch's noise, or each item's (a list): item i is then what a batch of one with
-    seed[i] gives. Runs in the model's dtype or the caller's autocast.
-    Returns (rgb (B, 3, H, W), depth z (B, H, W) or None).
+    seeds the batch's noise, or each item's (a list: item i is then a batch of one with seed[i]).
+    Runs in the model's dtype or the caller's autocast. Returns (rgb (B, 3, H, W), z (B, H, W) or None).
     """
     B = text_ids.shape[0]
     x_rgb, x_dep, eps_dep, known, depth = _initial_state(model, B, mode, rgb, depth, depth_valid, seed, res)
