@@ -132,10 +132,11 @@ class EvalDataset(torch.utils.data.Dataset):
 
 class SceneEvalDataset(torch.utils.data.Dataset):
     """Held-out procedural scenes (the "test" split) with the EvalDataset item interface (plus
-    "caption"); valid = every non-sky pixel. Needs no download."""
+    "caption" and "scene", the scene index); valid = every non-sky pixel. Item i is held-out scene
+    `offset + i`, i.e. scene TEST_OFFSET + offset + i. Needs no download."""
 
-    def __init__(self, res: int, n: int = 100):
-        self.res, self.n = res, n
+    def __init__(self, res: int, n: int = 100, offset: int = 0):
+        self.res, self.n, self.offset = res, n, offset
 
     def __len__(self) -> int:
         return self.n
@@ -143,10 +144,12 @@ class SceneEvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        s = render_scene(TEST_OFFSET + i, self.res)
+        index = TEST_OFFSET + self.offset + i
+        s = render_scene(index, self.res)
         cfg = DATASETS["scenes"]
-        return {"rgb": s["rgb"], "depth": s["depth"], "valid": s["valid"], "name": f"scene_{TEST_OFFSET + i}",
-                "caption": s["caption"], "min_depth": cfg["min_depth"], "max_depth": cfg["max_depth"]}
+        return {"rgb": s["rgb"], "depth": s["depth"], "valid": s["valid"], "name": f"scene_{index}",
+                "caption": s["caption"], "scene": index, "min_depth": cfg["min_depth"],
+                "max_depth": cfg["max_depth"]}
 
 
 class ManifestEval(torch.utils.data.Dataset):
@@ -173,17 +176,18 @@ class ManifestEval(torch.utils.data.Dataset):
                 "name": str(item["index"]), "min_depth": 1e-5, "max_depth": math.inf}
 
 
-def get_eval_dataset(name: str, root: str | None, n: int | None, res: int) -> torch.utils.data.Dataset:
+def get_eval_dataset(name: str, root: str | None, n: int | None, res: int, offset: int = 0
+                     ) -> torch.utils.data.Dataset:
     """The first n items (all if None) of evaluation set `name`: "scenes" (held-out procedural
-    scenes at res, default 100), "manifest" (root is the .jsonl file, cropped to res) or a real
-    set read from root at its native resolution (res is then unused)."""
+    scenes offset.. at res, default 100), "manifest" (root is the .jsonl file, cropped to res) or
+    a real set read from root at its native resolution (res is then unused)."""
     if name == "scenes":
-        return SceneEvalDataset(res, 100 if n is None else n)
+        return SceneEvalDataset(res, 100 if n is None else n, offset)
     if name == "manifest":
         if root is None:
-            raise UserError("--data manifest needs --root path/to/manifest.jsonl")
+            raise UserError("--data manifest needs --root/--data-path path/to/manifest.jsonl (the same flag)")
         return ManifestEval(root, res, n)
     if name in DATASETS and root is None:
-        raise UserError(f"evaluation on {name} needs the dataset root "
-                        f"(the extracted Marigold evaluation set)")
+        raise UserError(f"evaluation on {name} needs the dataset root: --data-path (alias --root) "
+                        f"the extracted Marigold evaluation set")
     return EvalDataset(name, root, None, n)

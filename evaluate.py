@@ -1,5 +1,6 @@
 """
-Zero-shot affine-invariant depth evaluation (image -> depth) for a MoFo checkpoint.
+Evaluation of a MoFo checkpoint: zero-shot affine-invariant depth (i2d) on any evaluation set, and
+on held-out procedural scenes (whose ground truth is exact) the other modes as well.
 
 The protocol follows the one most diffusion depth estimators report (Marigold's), rewritten here
 from its description:
@@ -15,10 +16,23 @@ Optionally K samples with different seeds are ensembled without looking at the g
 `ensemble_depth`). Trivial baselines go through the very same alignment and metrics so a reader can
 tell how much of a number the alignment alone explains.
 
+On scenes (--tasks, default all four) each number stands beside a reference that tells what it
+is worth:
+  joint     caption -> RGB + depth: prompt adherence of the RGB (adherence.py: named colours present,
+            relations in the right order) beside the same images scored against other scenes'
+            captions (random caption) and the ground-truth renders (the scorer's ceiling);
+            self-consistency: i2d on the generated RGB against the generated depth (AbsRel);
+  d2i       depth + caption -> RGB: adherence as above; depth faithfulness: i2d on the generated RGB
+            against the conditioning depth, and against another scene's depth (the chance level);
+  complete  RGB + LiDAR-like known depth (data.lidar_mask) -> dense depth, scored on the pixels not
+            given: metric (scaled to the known points by least squares, sample.fit_scale) and
+            affine-aligned, beside a nearest-known-point fill and the i2d prediction so scaled.
+
 Usage:
     python evaluate.py --ckpt out/tiny --data scenes --n 8 --steps 10
-    python evaluate.py --ckpt out/big --data nyu --root data/nyuv2 --ensemble 10 --steps 50
-    python evaluate.py --ckpt out/big --data manifest --root data/val.jsonl
+    python evaluate.py --ckpt out/tiny --data scenes --n 128 --offset 64 --tasks i2d,complete
+    python evaluate.py --ckpt out/big --data nyu --data-path data/nyuv2 --ensemble 10 --steps 50
+    python evaluate.py --ckpt out/big --data manifest --data-path data/val.jsonl
 
 Metric dicts hold raw fractions (0.055, not 5.5); tables print AbsRel and delta1 x 100.
 """
@@ -35,12 +49,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import adherence
 import checkpoint
 import data
 import mofo
 import scenes
-from common import UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, write_json
+from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
+                    save_png, staged_dir, to_uint8, write_json)
 from evalsets import get_eval_dataset
+from sample import fit_scale
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "median", "none")
@@ -251,6 +268,51 @@ def predict_batch(model: torch.nn.Module, tok, rgbs: list[np.ndarray], *, steps:
     return preds, spreads
 
 
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, tok, items: list[dict], mode: str, *, steps: int, cfg: float,
+                   log2_alpha: float, seed: int, device: torch.device
+                   ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """joint (caption -> RGB + depth) or d2i (the item's depth + caption -> RGB) on square items at
+    the model resolution. Returns uint8 images (res, res, 3) and, for joint, the generated relative
+    depth (B, res, res) (None for d2i)."""
+    ids = data.encode_text(tok, [it["caption"] for it in items], model.cfg.text_len).to(device)
+    cond = {}
+    if mode == "d2i":  # unknown (sky) pixels are noise, as in training
+        valid = torch.from_numpy(np.stack([it["valid"] for it in items]))
+        depth = mofo.normalize_depth(torch.from_numpy(np.stack([it["depth"] for it in items])), valid)
+        cond = {"depth": depth.to(device), "depth_valid": valid.to(device)}
+    rgb, z = mofo.sample(model, ids, mode=mode, steps=steps, cfg_scale=cfg, seed=seed, res=model.cfg.res,
+                         log2_alpha=log2_alpha if mode == "joint" else None, **cond)
+    depth = mofo.denormalize_depth(z).cpu().numpy() if mode == "joint" else None
+    return list(to_uint8(rgb)), depth
+
+
+@torch.no_grad()
+def complete_batch(model: torch.nn.Module, tok, items: list[dict], *, steps: int, seed: int,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Depth completion of square scene items: i2d given the LiDAR-like subset of the true depth
+    (data.lidar_mask, the mask a `--sparse lidar` sample of that scene has) as known pixels.
+    Returns (relative depth (B, res, res) with the known pixels kept, known masks (B, res, res))."""
+    known = np.stack([data.lidar_mask(it["valid"], data._mask_rng(it["scene"])) for it in items])
+    metric = np.stack([np.where(k, it["depth"], 0.0) for k, it in zip(known, items)]).astype(np.float32)
+    z = mofo.normalize_depth(torch.from_numpy(metric), torch.from_numpy(known))
+    ids = data.encode_text(tok, [""] * len(items), model.cfg.text_len).to(device)
+    x = from_uint8(np.stack([it["rgb"] for it in items])).to(device)
+    _, z = mofo.sample(model, ids, mode="i2d", rgb=x, depth=z.to(device),
+                       depth_valid=torch.from_numpy(known).to(device), steps=steps, seed=seed)
+    return mofo.denormalize_depth(z).cpu().numpy(), known
+
+
+def nearest_fill(depth: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Every pixel takes the depth of its nearest known pixel (the completion baseline)."""
+    kr, kc = np.nonzero(known)
+    if kr.size == 0:
+        return np.ones(depth.shape)
+    r, c = np.indices(depth.shape).reshape(2, -1, 1)
+    nearest = ((r - kr) ** 2 + (c - kc) ** 2).argmin(1)
+    return depth[kr[nearest], kc[nearest]].reshape(depth.shape).astype(np.float64)
+
+
 # -----------------------------------------------------------------------------
 # Pictures: worst-case rows and uncertainty maps
 
@@ -296,13 +358,22 @@ def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
 
 
+def sheet(rows: list[list[np.ndarray]], size: int = 96) -> np.ndarray:
+    """A grid of uint8 (h, w, 3) panels, each enlarged (nearest) to size x size."""
+    def big(p):
+        return np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize((size, size), Image.NEAREST))
+    return np.concatenate([np.concatenate([big(p) for p in r], axis=1) for r in rows], axis=0)
+
+
 # -----------------------------------------------------------------------------
 # Report helpers
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """One line per row; the columns are the union of the rows' keys (missing values empty)."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -316,20 +387,47 @@ def fmt_time(seconds: float) -> str:
 # -----------------------------------------------------------------------------
 # CLI
 
+TASKS = ("i2d", "joint", "d2i", "complete")
+SCENE_TASKS = ("joint", "d2i", "complete")  # need a scene's caption, objects and exact depth
+# Sampling defaults per task, measured on held-out scenes 64..191 of the demo checkpoint
+# (results/sampling.md): one i2d step is the network's estimate of the posterior mean, which is
+# what AbsRel rewards; joint guidance above 3 makes the guided depth explode (one scale guides both
+# heads); d2i adherence plateaus from 7. sample.py should carry the same numbers.
+DEFAULT_STEPS = {"i2d": 1, "complete": 1, "joint": 30, "d2i": 30}
+DEFAULT_CFG = {"joint": 3.0, "d2i": 7.0}
+EXAMPLE = """example:
+  .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 64 --out runs/demo/eval
+  .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --offset 64 --tasks i2d,complete
+  .venv/bin/python evaluate.py --ckpt runs/big --data nyu --data-path data/nyuv2 --ensemble 10"""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Affine-invariant depth evaluation (i2d) of a MoFo "
-                                "checkpoint, with constant and ground-plane baselines.")
+    p = argparse.ArgumentParser(description="Evaluate a MoFo checkpoint: affine-invariant depth (i2d) beside "
+                                "constant and ground-plane baselines; on held-out scenes also prompt adherence "
+                                "(joint, d2i), depth faithfulness, self-consistency and LiDAR completion.",
+                                epilog=EXAMPLE, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory written by train.py")
     p.add_argument("--data", required=True,
                    choices=["scenes", "nyu", "kitti", "eth3d", "scannet", "diode", "manifest"],
                    help="evaluation set; 'scenes' is the procedural set (no download needed)")
-    p.add_argument("--root", default=None,
-                   help="dataset folder (or the .jsonl file for --data manifest)")
+    p.add_argument("--data-path", "--root", dest="data_path", default=None,
+                   help="dataset folder, or the .jsonl file for --data manifest (--root: same flag)")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--offset", type=int, default=0,
+                   help="scenes: start at held-out scene OFFSET (e.g. 64 to stay clear of the demo's 0..63)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of {','.join(TASKS)} (default: all for scenes, i2d otherwise; "
+                        "joint, d2i and complete need the scenes' ground truth)")
     p.add_argument("--ensemble", type=int, default=1,
-                   help="samples per image (seeds seed..seed+K-1), merged by a GT-free median")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps per sample")
+                   help="i2d samples per image (seeds seed..seed+K-1), merged by a GT-free median")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps of i2d and completion (default {DEFAULT_STEPS['i2d']})")
+    p.add_argument("--gen-steps", type=int, default=None,
+                   help=f"sampling steps of joint and d2i (default {DEFAULT_STEPS['joint']})")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"guidance scale of joint and d2i (default: joint {DEFAULT_CFG['joint']:g}, "
+                        f"d2i {DEFAULT_CFG['d2i']:g})")
+    p.add_argument("--log2-alpha", type=float, default=5.0, help="joint trajectory warp (>0: RGB first)")
     p.add_argument("--alignment", default="least_squares", choices=ALIGNMENTS,
                    help="how predictions are fitted to the GT before scoring")
     p.add_argument("--seed", type=int, default=0, help="seed of the first ensemble member")
@@ -340,10 +438,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Validate the flags and fill in the per-task defaults (tasks becomes a list)."""
     for flag, value in (("--n", args.n), ("--ensemble", args.ensemble), ("--steps", args.steps),
-                        ("--batch-size", args.batch_size)):
+                        ("--gen-steps", args.gen_steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.offset < 0 or (args.offset and args.data != "scenes"):
+        raise UserError(f"--offset is a held-out scene number (>= 0, --data scenes only), got {args.offset}")
+    if isinstance(args.tasks, str):
+        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    elif args.tasks is None:
+        args.tasks = list(TASKS) if args.data == "scenes" else ["i2d"]
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        raise UserError(f"--tasks: unknown task {','.join(bad) or '(none)'}; choose from {','.join(TASKS)}")
+    if args.data != "scenes" and set(args.tasks) & set(SCENE_TASKS):
+        raise UserError(f"--tasks {','.join(t for t in args.tasks if t in SCENE_TASKS)} needs --data scenes "
+                        f"(captions, objects and exact depth); {args.data} has only i2d")
+    args.tasks = [t for t in TASKS if t in args.tasks]
+    args.steps = args.steps or DEFAULT_STEPS["i2d"]
+    args.gen_steps = args.gen_steps or DEFAULT_STEPS["joint"]
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -356,28 +470,48 @@ def evaluate(args: argparse.Namespace) -> None:
     model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True)
     if not model.cfg.has_depth:
         raise UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")
-    ds = get_eval_dataset(args.data, args.root, args.n, model.cfg.res)
+    ds = get_eval_dataset(args.data, args.data_path, args.n, model.cfg.res, args.offset)
     with staged_dir(out) as stage:
         run(args, model, tok, ds, device, stage)
     print(f"wrote {out}/")
 
 
 def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch.device, stage: str) -> None:
-    """The evaluation loop proper; writes per_image.csv, summary.json, worst.png (+ maps)."""
+    """Every task in turn; writes per_image.csv, summary.json, worst.png (i2d), samples.png (scene
+    tasks) and uncertainty maps (ensembles)."""
+    t0 = time.time()
+    print(f"evaluating {args.ckpt} on {args.data}: {len(ds)} images at {model.cfg.res}px, tasks "
+          f"{','.join(args.tasks)}; i2d {args.steps} steps x {args.ensemble} samples, alignment "
+          f"{args.alignment}, {device}")
+    summary = {"data": args.data, "n": len(ds), "tasks": args.tasks, "checkpoint": os.path.abspath(args.ckpt),
+               "alignment": args.alignment, "ensemble": args.ensemble, "steps": args.steps, "seed": args.seed,
+               "res": model.cfg.res, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    rows: dict[int, dict] = {}
+    keep = "complete" in args.tasks  # completion compares with the i2d predictions, scaled
+    i2d_preds = run_i2d(args, model, tok, ds, device, stage, rows, summary, keep) if "i2d" in args.tasks else None
+    if set(args.tasks) & set(SCENE_TASKS):
+        run_scene_tasks(args, model, tok, [ds[i] for i in range(len(ds))], device, stage, rows, summary, i2d_preds)
+    summary.update(seconds=round(time.time() - t0, 2), args=vars(args))
+    write_csv(os.path.join(stage, "per_image.csv"), [rows[i] for i in sorted(rows)])
+    write_json(os.path.join(stage, "summary.json"), summary)
+    print_tables(args, summary)
+
+
+def run_i2d(args, model, tok, ds, device, stage: str, rows: dict, summary: dict, keep: bool) -> list | None:
+    """i2d on every image, scored beside the baselines; fills rows and summary, writes worst.png.
+    Returns the predictions when `keep` (else None)."""
     n = len(ds)  # every evaluation set already stops at --n
     baselines = ["mean"] + (["plane"] if args.data == "scenes" else [])
     if args.ensemble > 1:
         os.makedirs(os.path.join(stage, "uncertainty"))
-    print(f"evaluating {args.ckpt} on {args.data}: {n} images at {model.cfg.res}px, "
-          f"{args.steps} steps x {args.ensemble} samples, alignment {args.alignment}, {device}")
-
-    rows, model_m, base_m = [], [], {b: [] for b in baselines}
+    model_m, base_m, kept = [], {b: [] for b in baselines}, []
     worst: list[tuple[float, np.ndarray]] = []   # (abs_rel, picture row) of the 4 worst so far
     skipped, t0 = 0, time.time()
     for start in range(0, n, args.batch_size):
         items = [ds[i] for i in range(start, min(n, start + args.batch_size))]
         preds, spreads = predict_batch(model, tok, [it["rgb"] for it in items], steps=args.steps,
                                        ensemble=args.ensemble, seed=args.seed, device=device)
+        kept += preds if keep else []
         for j, (item, pred, spread) in enumerate(zip(items, preds, spreads)):
             idx, gt, valid = start + j, item["depth"], item["valid"]
             if not valid.any():  # e.g. a manifest row without depth: nothing to score
@@ -385,16 +519,14 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch
                 continue
             span = (item["min_depth"], item["max_depth"])
             m = depth_metrics(pred, gt, valid, args.alignment, *span)
-            row = {"index": idx, "name": item["name"], **m}
+            row = rows.setdefault(idx, {"index": idx, "name": item["name"]})
+            row.update(m)
             model_m.append(m)
             for b in baselines:
-                # held-out scene i is scene TEST_OFFSET + i (evalsets.SceneEvalDataset), at model res
-                bp = mean_baseline(gt) if b == "mean" else \
-                    scene_plane_baseline(scenes.TEST_OFFSET + idx, model.cfg.res)
+                bp = mean_baseline(gt) if b == "mean" else scene_plane_baseline(item["scene"], model.cfg.res)
                 bm = depth_metrics(bp, gt, valid, args.alignment, *span)
                 base_m[b].append(bm)
                 row[f"{b}_abs_rel"], row[f"{b}_delta1"] = bm["abs_rel"], bm["delta1"]
-            rows.append(row)
 
             if len(worst) < 4 or m["abs_rel"] > worst[-1][0]:
                 shown = align_depth(pred, gt, valid, args.alignment)
@@ -410,32 +542,140 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch
         done, elapsed = start + len(items), time.time() - t0
         if model_m:
             running = mean_metrics(model_m)
-            print(f"[{done}/{n}] AbsRel {100 * running['abs_rel']:.2f} "
+            print(f"i2d [{done}/{n}] AbsRel {100 * running['abs_rel']:.2f} "
                   f"d1 {100 * running['delta1']:.1f} | {done / elapsed:.2f} img/s | "
                   f"eta {fmt_time((n - done) * elapsed / done)}", flush=True)
 
     if not model_m:
         raise UserError("no image had valid ground-truth depth")
-    summary = {
-        "data": args.data, "n": len(model_m), "skipped": skipped,
-        "checkpoint": os.path.abspath(args.ckpt),
-        "alignment": args.alignment, "ensemble": args.ensemble, "steps": args.steps,
-        "seed": args.seed, "res": model.cfg.res, "seconds": round(time.time() - t0, 2),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": mean_metrics(model_m),
-        "baselines": {b: mean_metrics(ms) for b, ms in base_m.items()},
-        "args": vars(args),
-    }
-    write_csv(os.path.join(stage, "per_image.csv"), rows)
-    write_json(os.path.join(stage, "summary.json"), summary)
+    summary.update(n=len(model_m), skipped=skipped, model=mean_metrics(model_m),
+                   baselines={b: mean_metrics(ms) for b, ms in base_m.items()})
     save_png(os.path.join(stage, "worst.png"), stack_rows([w[1] for w in worst]))
+    return kept if keep else None
 
-    # final table; AbsRel and delta1 are printed x100 (the dicts hold fractions)
-    print(f"\n{'':<28}{'AbsRel x100':>12}{'delta1 x100':>13}")
-    table = [(f"model (K={args.ensemble}, {args.steps} steps)", summary["model"])]
-    table += [(f"{b} baseline", m) for b, m in summary["baselines"].items()]
-    for label, m in table:
-        print(f"{label:<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}")
+
+def _adherence_row(c: dict[str, int]) -> float:
+    tests = c["colours"] + c["relations"]
+    return (c["colours_ok"] + c["relations_ok"]) / tests if tests else math.nan
+
+
+def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, rows: dict, summary: dict,
+                    i2d_preds: list | None) -> None:
+    """joint, d2i and completion on held-out scenes; fills rows and summary, writes samples.png."""
+    n, bs = len(items), args.batch_size
+    objects = [scenes.sample_scene(it["scene"]).objects for it in items]
+    other = [adherence.mismatched(i, n) for i in range(n)]
+    summary["adherence_oracle"] = adherence.score_set([it["rgb"] for it in items], objects)
+    shown = min(6, n)
+    panels = [[it["rgb"], colorize_depth(it["depth"], it["valid"])] for it in items[:shown]]
+    for mode in ("joint", "d2i"):
+        if mode not in args.tasks:
+            continue
+        cfg, t0 = DEFAULT_CFG[mode] if args.cfg is None else args.cfg, time.time()
+        imgs, depths, est = [], [], []
+        for start in range(0, n, bs):
+            chunk = items[start:start + bs]
+            rgb, dep = generate_batch(model, tok, chunk, mode, steps=args.gen_steps, cfg=cfg,
+                                      log2_alpha=args.log2_alpha, seed=args.seed + start, device=device)
+            imgs += rgb
+            depths += [] if dep is None else list(dep)
+            est += predict_batch(model, tok, rgb, steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+                                 device=device)[0]
+            print(f"{mode} [{len(imgs)}/{n}] | {len(imgs) / (time.time() - t0):.2f} img/s", flush=True)
+        counts = [adherence.score_image(im, ob) for im, ob in zip(imgs, objects)]
+        res = {"steps": args.gen_steps, "cfg": cfg, "adherence": adherence.rates(counts),
+               "adherence_random_caption": adherence.rates(
+                   [adherence.score_image(im, objects[j]) for im, j in zip(imgs, other)])}
+        for i, c in enumerate(counts):
+            rows.setdefault(i, {"index": i, "name": items[i]["name"]})[f"{mode}_adherence"] = _adherence_row(c)
+        if mode == "joint":  # i2d on the generated image against the generated depth
+            res["log2_alpha"] = args.log2_alpha
+            def consistency(e, d):
+                return depth_metrics(e, d, np.ones(d.shape, bool), "least_squares")
+            per = [consistency(e, d) for e, d in zip(est, depths)]
+            res["self_consistency"] = mean_metrics(per)
+            res["self_consistency_mismatched"] = mean_metrics([consistency(e, depths[j]) for e, j in zip(est, other)])
+            for i, (p, d) in enumerate(zip(imgs[:shown], depths)):
+                panels[i] += [p, colorize_depth(d)]
+        else:  # i2d on the generated image against the conditioning depth (and another scene's)
+            per = [depth_metrics(e, it["depth"], it["valid"], args.alignment) for e, it in zip(est, items)]
+            res["depth_faithfulness"] = mean_metrics(per)
+            res["depth_faithfulness_mismatched"] = mean_metrics(
+                [depth_metrics(e, items[j]["depth"], items[j]["valid"], args.alignment) for e, j in zip(est, other)])
+            for i, p in enumerate(imgs[:shown]):
+                panels[i].append(p)
+        for i, m in enumerate(per):
+            rows[i][f"{mode}_{'self' if mode == 'joint' else 'faithful'}_abs_rel"] = m["abs_rel"]
+        summary[mode] = res
+    if "complete" in args.tasks:
+        summary["complete"] = run_complete(args, model, tok, items, device, rows, i2d_preds, panels)
+    save_png(os.path.join(stage, "samples.png"), sheet(panels))
+
+
+def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_preds: list | None,
+                 panels: list) -> dict:
+    """LiDAR-like known pixels -> dense depth, scored on the pixels not given: metric (scaled to the
+    known points by least squares, as sample.py does) and affine-aligned, beside the nearest-known-
+    point fill and (with the i2d task) the i2d prediction scaled to the known points."""
+    per = {k: [] for k in ("metric", "affine", "nearest", "i2d_scaled")}
+    fraction, t0 = [], time.time()
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        rel, known = complete_batch(model, tok, chunk, steps=args.steps, seed=args.seed, device=device)
+        for j, (it, r, k) in enumerate(zip(chunk, rel, known)):
+            i, gt = start + j, it["depth"]
+            mask, span = it["valid"] & ~k, (it["min_depth"], it["max_depth"])
+            fraction.append(k.sum() / it["valid"].sum())
+            per["metric"].append(depth_metrics(fit_scale(r, gt, k)[0] * r, gt, mask, "none", *span))
+            per["affine"].append(depth_metrics(r, gt, mask, args.alignment, *span))
+            per["nearest"].append(depth_metrics(nearest_fill(gt, k), gt, mask, "none", *span))
+            if i2d_preds is not None:
+                p = i2d_preds[i]
+                per["i2d_scaled"].append(depth_metrics(fit_scale(p, gt, k)[0] * p, gt, mask, "none", *span))
+            rows.setdefault(i, {"index": i, "name": it["name"]})["complete_abs_rel"] = per["metric"][-1]["abs_rel"]
+            if i < len(panels):
+                panels[i].append(colorize_depth(r, None, disparity_range(gt, it["valid"])))
+        print(f"complete [{start + len(chunk)}/{len(items)}] | "
+              f"{(start + len(chunk)) / (time.time() - t0):.2f} img/s", flush=True)
+    return {"steps": args.steps, "known_fraction": float(np.mean(fraction)),
+            "metric": mean_metrics(per["metric"]), "affine": mean_metrics(per["affine"]),
+            "baselines": {k: mean_metrics(per[k]) for k in ("nearest", "i2d_scaled") if per[k]}}
+
+
+def print_tables(args, s: dict) -> None:
+    """The final tables; AbsRel, delta1 and rates are printed x100 (the summary holds fractions)."""
+    if "model" in s:
+        print(f"\n{'i2d':<28}{'AbsRel x100':>12}{'delta1 x100':>13}")
+        table = [(f"model (K={args.ensemble}, {args.steps} steps)", s["model"])]
+        table += [(f"{b} baseline", m) for b, m in s["baselines"].items()]
+        for label, m in table:
+            print(f"{label:<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}")
+    if "adherence_oracle" in s:
+        o = s["adherence_oracle"]
+        print(f"\nprompt adherence x100 (colour / relation / both): ground-truth renders "
+              f"{_rates(o['matched'])}, against other captions {_rates(o['mismatched'])}")
+    for mode in ("joint", "d2i"):
+        if mode in s:
+            r = s[mode]
+            print(f"{mode} ({r['steps']} steps, cfg {r['cfg']:g}): adherence {_rates(r['adherence'])}, "
+                  f"random caption {_rates(r['adherence_random_caption'])}")
+    if "joint" in s:
+        print(f"joint self-consistency (i2d of the RGB vs the depth): AbsRel "
+              f"{100 * s['joint']['self_consistency']['abs_rel']:.2f}, against another sample's depth "
+              f"{100 * s['joint']['self_consistency_mismatched']['abs_rel']:.2f}")
+    if "d2i" in s:
+        print(f"d2i depth faithfulness (i2d of the RGB vs the condition): AbsRel "
+              f"{100 * s['d2i']['depth_faithfulness']['abs_rel']:.2f}, against another scene's depth "
+              f"{100 * s['d2i']['depth_faithfulness_mismatched']['abs_rel']:.2f}")
+    if "complete" in s:
+        c = s["complete"]
+        base = ", ".join(f"{k} {100 * m['abs_rel']:.2f}" for k, m in c["baselines"].items())
+        print(f"completion ({100 * c['known_fraction']:.1f}% known): AbsRel metric {100 * c['metric']['abs_rel']:.2f} "
+              f"(baselines: {base}), affine {100 * c['affine']['abs_rel']:.2f}")
+
+
+def _rates(r: dict) -> str:
+    return f"{100 * r['colour']:.1f} / {100 * r['relation']:.1f} / {100 * r['adherence']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:

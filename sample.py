@@ -43,7 +43,10 @@ from checkpoint import load_checkpoint, resolve_checkpoint
 from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
                     write_json)
 
-DEFAULT_CFG = {"joint": 4.0, "i2d": 1.0, "d2i": 4.0}
+# Chosen by measurement on held-out scenes (results/sampling.md): i2d is best as one x-prediction;
+# joint guidance above 3 breaks its depth; d2i follows its caption best from 7 on.
+DEFAULT_CFG = {"joint": 3.0, "i2d": 1.0, "d2i": 7.0}
+DEFAULT_STEPS = {"joint": 30, "i2d": 1, "d2i": 30}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPTH_EXTS = (".npy", ".png")
 
@@ -69,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for batch work (i2d pairs it with --image by file stem)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="items denoised together (default: 8 on CUDA, 1 on CPU)")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: joint 4, i2d 1, d2i 4)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: joint 30, i2d 1, d2i 30)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: joint 3, i2d 1, d2i 7)")
     p.add_argument("--log2-alpha", type=float, default=5.0,
                    help="joint trajectory warp: >0 RGB first, <0 depth first")
     p.add_argument("--refine-depth", action="store_true",
@@ -91,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model (reduce-overhead: CUDA graphs replay each step's launches); "
                         "the first batch is run once more as a warm-up")
     args = p.parse_args(argv)
+    args.steps = DEFAULT_STEPS[args.mode] if args.steps is None else args.steps
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:

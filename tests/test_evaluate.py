@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import adherence
 import evaluate as ev
 import scenes
 from common import UserError
@@ -182,6 +183,53 @@ def test_scene_plane_baseline_is_the_ground_behind_the_objects():
     assert 0.2 < floor.mean() < v.mean()  # mostly floor, but some object occludes it
 
 
+def test_nearest_fill():
+    depth = np.arange(12.0).reshape(3, 4)
+    known = np.zeros((3, 4), bool)
+    known[0, 0] = known[2, 3] = True
+    filled = ev.nearest_fill(depth, known)
+    assert filled[0, 1] == 0.0 and filled[2, 2] == 11.0 and filled[known].tolist() == [0.0, 11.0]
+
+
+# -----------------------------------------------------------------------------
+# prompt adherence
+
+
+def _blob_image(blobs, res=32, floor=(200, 190, 160)):
+    """A sandy picture with square blobs {colour name: column of its centre} in one row."""
+    img = np.zeros((res, res, 3), np.uint8) + np.array(floor, np.uint8)
+    for name, col in blobs.items():
+        img[14:18, col - 2:col + 2] = np.round(255 * np.array(scenes.COLOURS[name]) * 0.8)
+    return img
+
+
+def _prim(colour, x, z=5.0):
+    return scenes.Primitive("sphere", colour, "medium", x, z, (0.4, 0.4, 0.4))
+
+
+def test_adherence_colours_and_relations():
+    objects = [_prim("red", -1.0), _prim("blue", 1.0)]  # caption: a red sphere left of a blue sphere
+    assert adherence.caption_tests(objects) == (["red", "blue"], [("red", "left of", "blue")])
+    ok = {"colours": 2, "colours_ok": 2, "relations": 1, "relations_ok": 1}
+    assert adherence.score_image(_blob_image({"red": 8, "blue": 24}), objects) == ok
+    swapped = adherence.score_image(_blob_image({"red": 24, "blue": 8}), objects)
+    assert swapped == dict(ok, relations_ok=0)
+    assert adherence.score_image(_blob_image({}), objects) == dict(ok, colours_ok=0, relations_ok=0)
+    # unchecked colours (the floor can be white, gray, pink or brown) make no test
+    assert adherence.caption_tests([_prim("white", 0.0), _prim("gray", 1.0)]) == ([], [])
+    r = adherence.rates([ok, dict(ok, relations_ok=0)])
+    assert r == {"colour": 1.0, "relation": 0.5, "adherence": 5 / 6, "n_colour_tests": 4, "n_relation_tests": 2}
+
+
+def test_adherence_scorer_on_ground_truth_renders():
+    # the scorer's ceiling: renders of held-out scenes pass; the same renders scored against the
+    # next scene's caption (the random-caption baseline) mostly fail
+    o = adherence.oracle([scenes.TEST_OFFSET + 500 + i for i in range(40)], res=32)
+    assert o["matched"]["n_colour_tests"] > 40 and o["matched"]["n_relation_tests"] > 10
+    assert o["matched"]["colour"] > 0.85 and o["matched"]["relation"] > 0.75 and o["matched"]["adherence"] > 0.85
+    assert o["mismatched"]["adherence"] < 0.35 and o["mismatched"]["relation"] < 0.2
+
+
 # -----------------------------------------------------------------------------
 # CLI end to end on a tiny checkpoint
 
@@ -200,10 +248,11 @@ def _finite(d):
 
 def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
-    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "2",
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "2", "--gen-steps", "2",
              "--out", str(out), "--device", "cpu", "--batch-size", "2"])
-    assert sorted(os.listdir(out)) == ["per_image.csv", "summary.json", "worst.png"]
+    assert sorted(os.listdir(out)) == ["per_image.csv", "samples.png", "summary.json", "worst.png"]
     s = json.loads((out / "summary.json").read_text())
+    assert s["tasks"] == ["i2d", "joint", "d2i", "complete"]
     for key in ("model", "baselines", "n", "args", "checkpoint", "alignment", "ensemble",
                 "steps", "date"):
         assert key in s
@@ -215,6 +264,35 @@ def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert len(lines) == 3 and "abs_rel" in lines[0] and "plane_delta1" in lines[0]
     printed = capsys.readouterr().out
     assert "[2/2]" in printed and "plane baseline" in printed
+    # the other modes, each beside its reference
+    rate_keys = {"colour", "relation", "adherence", "n_colour_tests", "n_relation_tests"}
+    assert set(s["adherence_oracle"]) == {"matched", "mismatched"}
+    for mode in ("joint", "d2i"):
+        assert set(s[mode]["adherence"]) == rate_keys and set(s[mode]["adherence_random_caption"]) == rate_keys
+        assert s[mode]["steps"] == 2 and s[mode]["cfg"] > 1
+    for key in ("self_consistency", "self_consistency_mismatched"):
+        assert set(s["joint"][key]) == set(ev.METRIC_KEYS) and _finite(s["joint"][key])
+    for key in ("depth_faithfulness", "depth_faithfulness_mismatched"):
+        assert set(s["d2i"][key]) == set(ev.METRIC_KEYS) and _finite(s["d2i"][key])
+    c = s["complete"]
+    assert 0 < c["known_fraction"] <= 0.06 and _finite(c["metric"]) and _finite(c["affine"])
+    assert set(c["baselines"]) == {"nearest", "i2d_scaled"}
+    for col in ("joint_adherence", "joint_self_abs_rel", "d2i_adherence", "d2i_faithful_abs_rel",
+                "complete_abs_rel"):
+        assert col in lines[0]
+    assert "random caption" in printed and "completion" in printed
+
+
+def test_cli_tasks_offset_and_data_path_alias(tiny_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "1", "--offset", "64", "--tasks", "complete",
+             "--steps", "1", "--out", str(out), "--device", "cpu"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tasks"] == ["complete"] and "model" not in s and "joint" not in s
+    assert "i2d_scaled" not in s["complete"]["baselines"]  # needs the i2d task
+    assert f"scene_{scenes.TEST_OFFSET + 64}" in (out / "per_image.csv").read_text()
+    for flag in ("--data-path", "--root"):
+        assert ev.parse_args(["--ckpt", "c", "--data", "nyu", flag, "/d"]).data_path == "/d"
 
 
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
@@ -237,7 +315,9 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
-                                   ["--data", "manifest", "--root", "/nonexistent/m.jsonl"]])
+                                   ["--data", "manifest", "--data-path", "/nonexistent/m.jsonl"],
+                                   ["--tasks", "i2d,depth"], ["--data", "nyu", "--tasks", "joint"],
+                                   ["--offset", "-1"]])
 def test_user_mistakes_raise_user_error(tiny_ckpt, tmp_path, extra):
     out = tmp_path / "never"
     with pytest.raises(UserError):
