@@ -100,10 +100,10 @@ def check_out_dir(out: str) -> None:
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"output folder {out} exists and is not empty; choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.isdir(parent):
+    while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --out {out}: {parent} is not writable")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --out {out}: {parent} is not a writable folder")
 
 
 @contextmanager

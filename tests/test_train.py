@@ -226,3 +226,28 @@ def test_checkpoint_files_are_readable_by_others(tmp_path):
     ckpt = checkpoint.resolve_checkpoint(out)
     for f in os.listdir(ckpt):
         assert os.stat(os.path.join(ckpt, f)).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train.py", [*TINY, "--steps", "1"]),
+    ("sample.py", ["--prompt", "x", "--steps", "1"]),
+    ("evaluate.py", ["--data", "scenes", "--n", "1", "--steps", "1"]),
+])
+def test_clean_errors_for_device_and_out(tmp_path, script, args):
+    """An output path under a file, and --device cuda without CUDA: one line, exit 2, nothing written."""
+    if script != "train.py":
+        args = ["--ckpt", train_tiny(str(tmp_path / "ckpt"), "--stage", "mofo", steps=1), *args]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_user_error(run_cli(script, *args, "--out", str(blocker / "out"), check=False), "--out")
+    if not torch.cuda.is_available():
+        proc = run_cli(script, *args, "--device", "cuda", "--out", str(tmp_path / "o"), check=False)
+        assert_user_error(proc, "--device cuda")
+        assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("flags, needle", [(["--res", "30"], "--res"), (["--lr", "-1"], "--lr")])
+def test_bad_values_leave_nothing_behind(tmp_path, flags, needle):
+    out = tmp_path / "run"
+    assert_user_error(run_cli("train.py", *TINY, "--steps", "1", *flags, "--out", str(out), check=False), needle)
+    assert not out.exists()
