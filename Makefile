@@ -10,6 +10,12 @@ DEMO_T2I_STEPS ?= 600
 DEMO_STEPS ?= 1200
 DEMO_BATCH ?= 32
 DEMO_SPARSE ?= none
+# Sampling settings measured on held-out scenes (results/sampling.md): i2d in one step (the
+# posterior-mean estimate), joint at guidance 3 (more makes the guided depth explode), d2i at 7.
+DEMO_I2D_STEPS ?= 1
+DEMO_GEN_STEPS ?= 30
+DEMO_JOINT_CFG ?= 3
+DEMO_D2I_CFG ?= 7
 
 .PHONY: install demo test test-slow train sample bench gpu-check clean
 
@@ -49,14 +55,15 @@ demo: $(STAMP)
 	$(PY) train.py --config $(DEMO_CONFIG) --stage mofo --data scenes --sparse $(DEMO_SPARSE) --steps $(DEMO_STEPS) \
 	  --batch-size $(DEMO_BATCH) --lr 1e-3 --dtype bf16 --save-every $(DEMO_STEPS) --log-every 50 \
 	  --init $(DEMO)/t2i --out $(DEMO)/mofo
-	$(PY) sample.py --ckpt $(DEMO)/mofo --mode joint --steps 30 --out $(DEMO)/joint \
-	  --prompt "a red sphere left of a blue box on a checkered floor"
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode joint --steps $(DEMO_GEN_STEPS) --cfg $(DEMO_JOINT_CFG) \
+	  --out $(DEMO)/joint --prompt "a red sphere left of a blue box on a checkered floor"
 	$(PY) data.py --scene 0 --split test --res 32 --out $(DEMO)/heldout
-	$(PY) sample.py --ckpt $(DEMO)/mofo --mode i2d --image $(DEMO)/heldout/rgb.png --steps 30 --out $(DEMO)/i2d
-	$(PY) sample.py --ckpt $(DEMO)/mofo --mode d2i --depth $(DEMO)/heldout/depth.npy --steps 30 --out $(DEMO)/d2i \
-	  --prompt "$$(cat $(DEMO)/heldout/caption.txt)"
-	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps 30 --out $(DEMO)/eval
-	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps 1 --out $(DEMO)/eval_1step
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode i2d --image $(DEMO)/heldout/rgb.png --steps $(DEMO_I2D_STEPS) \
+	  --out $(DEMO)/i2d
+	$(PY) sample.py --ckpt $(DEMO)/mofo --mode d2i --depth $(DEMO)/heldout/depth.npy --steps $(DEMO_GEN_STEPS) \
+	  --cfg $(DEMO_D2I_CFG) --out $(DEMO)/d2i --prompt "$$(cat $(DEMO)/heldout/caption.txt)"
+	$(PY) evaluate.py --ckpt $(DEMO)/mofo --data scenes --n 64 --steps $(DEMO_I2D_STEPS) \
+	  --gen-steps $(DEMO_GEN_STEPS) --batch-size 32 --out $(DEMO)/eval
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)

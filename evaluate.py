@@ -57,7 +57,7 @@ import scenes
 from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
                     save_png, staged_dir, to_uint8, write_json)
 from evalsets import get_eval_dataset
-from sample import fit_scale
+from sample import DEFAULT_CFG, DEFAULT_STEPS, fit_scale
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "median", "none")
@@ -389,12 +389,8 @@ def fmt_time(seconds: float) -> str:
 
 TASKS = ("i2d", "joint", "d2i", "complete")
 SCENE_TASKS = ("joint", "d2i", "complete")  # need a scene's caption, objects and exact depth
-# Sampling defaults per task, measured on held-out scenes 64..191 of the demo checkpoint
-# (results/sampling.md): one i2d step is the network's estimate of the posterior mean, which is
-# what AbsRel rewards; joint guidance above 3 makes the guided depth explode (one scale guides both
-# heads); d2i adherence plateaus from 7. sample.py should carry the same numbers.
-DEFAULT_STEPS = {"i2d": 1, "complete": 1, "joint": 30, "d2i": 30}
-DEFAULT_CFG = {"joint": 3.0, "d2i": 7.0}
+# Sampling defaults are sample.py's (DEFAULT_STEPS, DEFAULT_CFG per mode; completion is i2d with
+# known depth), measured on held-out scenes 64..191 of the demo checkpoint (results/sampling.md).
 EXAMPLE = """example:
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 64 --out runs/demo/eval
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --offset 64 --tasks i2d,complete
@@ -420,10 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "joint, d2i and complete need the scenes' ground truth)")
     p.add_argument("--ensemble", type=int, default=1,
                    help="i2d samples per image (seeds seed..seed+K-1), merged by a GT-free median")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps of i2d and completion (default {DEFAULT_STEPS['i2d']})")
-    p.add_argument("--gen-steps", type=int, default=None,
-                   help=f"sampling steps of joint and d2i (default {DEFAULT_STEPS['joint']})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS["i2d"], help="sampling steps of i2d and completion")
+    p.add_argument("--gen-steps", type=int, default=DEFAULT_STEPS["joint"], help="sampling steps of joint and d2i")
     p.add_argument("--cfg", type=float, default=None,
                    help=f"guidance scale of joint and d2i (default: joint {DEFAULT_CFG['joint']:g}, "
                         f"d2i {DEFAULT_CFG['d2i']:g})")
@@ -438,7 +432,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Validate the flags and fill in the per-task defaults (tasks becomes a list)."""
+    """Validate the flags; --tasks becomes the list of tasks to run, in TASKS order."""
     for flag, value in (("--n", args.n), ("--ensemble", args.ensemble), ("--steps", args.steps),
                         ("--gen-steps", args.gen_steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -456,8 +450,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--tasks {','.join(t for t in args.tasks if t in SCENE_TASKS)} needs --data scenes "
                         f"(captions, objects and exact depth); {args.data} has only i2d")
     args.tasks = [t for t in TASKS if t in args.tasks]
-    args.steps = args.steps or DEFAULT_STEPS["i2d"]
-    args.gen_steps = args.gen_steps or DEFAULT_STEPS["joint"]
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -297,7 +297,7 @@ def test_cli_tasks_offset_and_data_path_alias(tiny_ckpt, tmp_path):
 
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
     out = tmp_path / "eval"
-    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1",
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1", "--tasks", "i2d",
              "--ensemble", "2", "--out", str(out), "--device", "cpu", "--batch-size", "1"])
     names = sorted(os.listdir(out / "uncertainty"))
     assert names == ["00000.npy", "00000.png", "00001.npy", "00001.png"]

@@ -1,30 +1,43 @@
-"""Opt-in (`make test-slow`, ~10 CPU-minutes): the recipe actually learns depth.
+"""Opt-in (`make test-slow`, ~10 CPU-minutes): the recipe actually learns.
 
 The default suite checks wiring and math only; this runs the demo recipe (tiny preset, t2i then
-MoFo on dense scene depth) and asserts that i2d beats the mean-depth predictor by a wide margin
-on held-out scenes. Measured with these settings: AbsRel 19.59 % vs 90.07 % (README, Results).
+MoFo on dense scene depth) and evaluates it with evaluate.py's defaults on held-out scenes 64..191,
+i.e. outside the first 64 that `make demo` shows, and asserts:
+- i2d beats the mean-depth predictor by a wide margin (measured: AbsRel 18.56 % vs 87.61 %,
+  delta1 75.4 % vs 16.3 %);
+- the text is used: joint and d2i images adhere to their own captions more than to other scenes'
+  captions (measured, colour + relation tests: joint 20.6 % vs 15.0 %, d2i 29.6 % vs 17.4 %).
+The stronger bars -- i2d below the ground-truth-plane baseline (12.85 % here) -- are not reached
+within the demo's budget: results/demo.md has the settings tried and their learning curves.
 """
 import json
 import os
 
 import pytest
 
-from helpers import run_cli
+from helpers import ENV, run_cli
 
 pytestmark = pytest.mark.slow
 
 RECIPE = ["--config", "tiny", "--batch-size", "32", "--lr", "1e-3", "--dtype", "bf16", "--log-every", "100"]
 
 
-def test_i2d_beats_mean_depth_baseline(tmp_path):
+def test_recipe_learns_on_held_out_scenes(tmp_path, monkeypatch):
+    # One thread: on a shared 2-core machine PyTorch's default pool of 2 spinning threads runs the
+    # tiny model several times slower (results/sampling.md, Timings); on an idle one it costs little.
+    monkeypatch.setitem(ENV, "OMP_NUM_THREADS", "1")
     t2i, mf = str(tmp_path / "t2i"), str(tmp_path / "mofo")
     run_cli("train.py", *RECIPE, "--stage", "t2i", "--steps", "600", "--save-every", "600", "--out", t2i,
-            timeout=1800)
+            timeout=3600)
     run_cli("train.py", *RECIPE, "--stage", "mofo", "--steps", "1200", "--save-every", "1200", "--init", t2i,
-            "--out", mf, timeout=1800)
+            "--out", mf, timeout=3600)
     out = str(tmp_path / "eval")
-    run_cli("evaluate.py", "--ckpt", mf, "--data", "scenes", "--n", "64", "--steps", "1", "--out", out)
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    model, mean = summary["model"]["abs_rel"], summary["baselines"]["mean"]["abs_rel"]
-    assert model < 0.5 * mean, (model, mean)
-    assert summary["model"]["delta1"] > 2 * summary["baselines"]["mean"]["delta1"]
+    run_cli("evaluate.py", "--ckpt", mf, "--data", "scenes", "--n", "128", "--offset", "64", "--batch-size", "32",
+            "--out", out, timeout=1800)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    model, mean = s["model"], s["baselines"]["mean"]
+    assert model["abs_rel"] < 0.5 * mean["abs_rel"], (model, mean)
+    assert model["delta1"] > 2 * mean["delta1"], (model, mean)
+    for mode in ("joint", "d2i"):
+        own, other = s[mode]["adherence"]["adherence"], s[mode]["adherence_random_caption"]["adherence"]
+        assert own > other, (mode, s[mode])
