@@ -46,7 +46,7 @@ import mofo
 from checkpoint import (LATEST, empty_model, export_checkpoint, full_state_dict, is_sharded, load_checkpoint,
                         load_optimizer, load_sharded, model_from_state, resolve_checkpoint, save_checkpoint,
                         save_sharded_checkpoint)
-from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8
+from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8, write_text
 from scenes import scene_captions
 
 # -----------------------------------------------------------------------------
@@ -561,9 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if master and os.path.exists(metrics_path):
         with open(metrics_path) as fh:  # drop lines logged after the checkpoint we resume from
             metrics = [m for m in map(json.loads, fh) if m["step"] <= start]
-        with open(metrics_path + ".tmp", "w") as fh:
-            fh.writelines(json.dumps(m) + "\n" for m in metrics)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
     if master:
         print(f"{args.stage} | {model.cfg.name} {model.num_params() / 1e6:.2f}M params | res {res} | "
               f"batch {args.batch_size} on {world} x {device} | steps {start}->{args.steps}", flush=True)

@@ -81,7 +81,7 @@ def test_fsdp_matches_ddp(fsdp_run, tmp_path):
 
 def start_ranks(*args: str) -> list[subprocess.Popen]:
     """The two ranks of a gloo run started as torchrun starts them, but by this process, so that
-    SIGKILL reaches both (torchrun puts each worker in a session of its own)."""
+    SIGKILL reaches both: torchrun's workers are outside its process group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
