@@ -32,6 +32,11 @@ import sys
 import time
 import warnings
 
+# MKL's CPU matrix products are bitwise reproducible from one process to the next only in its
+# strict conditional-numerical-reproducibility mode; a resumed run must repeat the uninterrupted
+# one bit for bit. Set before torch loads MKL; an MKL_CBWR already in the environment wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import numpy as np
 import torch
 import torch.distributed as dist
