@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--decay", type=float, default=0.0,
+                   help="fraction of --steps at the end over which the learning rate falls linearly to 0 "
+                        "(0: constant after the warm-up)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step of the weights used for sampling")
@@ -137,8 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if not 0 <= args.ema < 1 or args.warmup < 0 or args.grad_clip < 0 or not 0 <= args.caption_dropout <= 1:
-        raise UserError("--ema must be in [0, 1), --caption-dropout in [0, 1], --warmup and --grad-clip >= 0")
+    if (not 0 <= args.ema < 1 or args.warmup < 0 or args.grad_clip < 0 or not 0 <= args.caption_dropout <= 1
+            or not 0 <= args.decay <= 1):
+        raise UserError("--ema must be in [0, 1), --caption-dropout and --decay in [0, 1], --warmup and "
+                        "--grad-clip >= 0")
     patch = mofo.PRESETS[args.config].patch
     if args.res is not None and (args.res < patch or args.res % patch):
         raise UserError(f"--res {args.res} must be a positive multiple of the {args.config} patch size {patch}")
@@ -417,6 +422,14 @@ def gathered_model(model: mofo.MoFo, device: torch.device) -> mofo.MoFo | None:
     return model_from_state(model.cfg, state, device) if dist.get_rank() == 0 else None
 
 
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up over --warmup steps, constant, then with --decay a linear fall to 0 over the
+    last decay x --steps steps (a short cool-down at the end of a constant rate)."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    left = (args.steps - step) / max(1.0, args.decay * args.steps)
+    return args.lr * warm * min(1.0, left)
+
+
 def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict], *, rank: int = 0,
                teacher=None) -> dict[str, torch.Tensor]:
     """Warm-up lr, flow-matching loss over the micro-batches, backward, clipping, AdamW, EMA.
@@ -428,7 +441,7 @@ def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict],
     Returns the loss stats as 0-d tensors: nothing here waits for the GPU.
     """
     for group in opt.param_groups:
-        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        group["lr"] = learning_rate(args, step)
     totals: dict[str, torch.Tensor] = {}
     for micro, b in enumerate(micro_batches):
         last = micro == len(micro_batches) - 1

@@ -246,8 +246,20 @@ def test_clean_errors_for_device_and_out(tmp_path, script, args):
         assert not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("flags, needle", [(["--res", "30"], "--res"), (["--lr", "-1"], "--lr")])
+@pytest.mark.parametrize("flags, needle", [(["--res", "30"], "--res"), (["--lr", "-1"], "--lr"),
+                                          (["--decay", "1.5"], "--decay")])
 def test_bad_values_leave_nothing_behind(tmp_path, flags, needle):
     out = tmp_path / "run"
     assert_user_error(run_cli("train.py", *TINY, "--steps", "1", *flags, "--out", str(out), check=False), needle)
     assert not out.exists()
+
+
+def test_learning_rate_schedule():
+    """Warm-up, constant, then --decay's linear fall: every step's rate from the formula."""
+    args = train.parse_args(["--out", "unused", "--lr", "1e-3", "--warmup", "10", "--steps", "100", "--decay", "0.2"])
+    lrs = [train.learning_rate(args, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:81])
+    assert [lr / 1e-3 for lr in lrs[80:]] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
+    args.decay = 0.0  # the default: constant to the last step
+    assert train.learning_rate(args, 99) == pytest.approx(1e-3)
