@@ -219,6 +219,13 @@ def read_depth(path: str, fmt: str, shape: tuple[int, int] | None = None, scale:
     return _decode_depth(path, fmt, path, scale)
 
 
+def fit_scale(rel: np.ndarray, metric: np.ndarray, known: np.ndarray) -> tuple[float, float]:
+    """Least-squares scale a with a * rel ~ metric on the known pixels -> (a, RMS residual in metric units)."""
+    r, m = rel[known].astype(np.float64), metric[known].astype(np.float64)
+    a = float((r * m).sum() / max((r * r).sum(), 1e-12))
+    return a, float(np.sqrt(np.mean((a * r - m) ** 2)))
+
+
 # -----------------------------------------------------------------------------
 # Sparse depth: which pixels of a dense map keep their ground truth
 

@@ -25,7 +25,7 @@ is worth:
   d2i       depth + caption -> RGB: adherence as above; depth faithfulness: i2d on the generated RGB
             against the conditioning depth, and against another scene's depth (the chance level);
   complete  RGB + LiDAR-like known depth (data.lidar_mask) -> dense depth, scored on the pixels not
-            given: metric (scaled to the known points by least squares, sample.fit_scale) and
+            given: metric (scaled to the known points by least squares, data.fit_scale) and
             affine-aligned, beside a nearest-known-point fill and the i2d prediction so scaled.
 
 Usage:
@@ -57,7 +57,6 @@ import scenes
 from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
                     save_png, staged_dir, to_uint8, write_json)
 from evalsets import get_eval_dataset
-from sample import DEFAULT_CFG, DEFAULT_STEPS, fit_scale
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "median", "none")
@@ -389,8 +388,8 @@ def fmt_time(seconds: float) -> str:
 
 TASKS = ("i2d", "joint", "d2i", "complete")
 SCENE_TASKS = ("joint", "d2i", "complete")  # need a scene's caption, objects and exact depth
-# Sampling defaults are sample.py's (DEFAULT_STEPS, DEFAULT_CFG per mode; completion is i2d with
-# known depth), measured on held-out scenes 64..191 of the demo checkpoint (results/sampling.md).
+# Sampling defaults are the recipe's (mofo.DEFAULT_STEPS, mofo.DEFAULT_CFG per mode; completion is
+# i2d with known depth), measured on held-out scenes 64..191 of the demo checkpoint (results/sampling.md).
 EXAMPLE = """example:
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 64 --out runs/demo/eval
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --offset 64 --tasks i2d,complete
@@ -416,11 +415,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "joint, d2i and complete need the scenes' ground truth)")
     p.add_argument("--ensemble", type=int, default=1,
                    help="i2d samples per image (seeds seed..seed+K-1), merged by a GT-free median")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS["i2d"], help="sampling steps of i2d and completion")
-    p.add_argument("--gen-steps", type=int, default=DEFAULT_STEPS["joint"], help="sampling steps of joint and d2i")
+    p.add_argument("--steps", type=int, default=mofo.DEFAULT_STEPS["i2d"],
+                   help="sampling steps of i2d and completion")
+    p.add_argument("--gen-steps", type=int, default=mofo.DEFAULT_STEPS["joint"],
+                   help="sampling steps of joint and d2i")
     p.add_argument("--cfg", type=float, default=None,
-                   help=f"guidance scale of joint and d2i (default: joint {DEFAULT_CFG['joint']:g}, "
-                        f"d2i {DEFAULT_CFG['d2i']:g})")
+                   help=f"guidance scale of joint and d2i (default: joint {mofo.DEFAULT_CFG['joint']:g}, "
+                        f"d2i {mofo.DEFAULT_CFG['d2i']:g})")
     p.add_argument("--log2-alpha", type=float, default=5.0, help="joint trajectory warp (>0: RGB first)")
     p.add_argument("--alignment", default="least_squares", choices=ALIGNMENTS,
                    help="how predictions are fitted to the GT before scoring")
@@ -563,7 +564,7 @@ def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, row
     for mode in ("joint", "d2i"):
         if mode not in args.tasks:
             continue
-        cfg, t0 = DEFAULT_CFG[mode] if args.cfg is None else args.cfg, time.time()
+        cfg, t0 = mofo.DEFAULT_CFG[mode] if args.cfg is None else args.cfg, time.time()
         imgs, depths, est = [], [], []
         for start in range(0, n, bs):
             chunk = items[start:start + bs]
@@ -618,12 +619,12 @@ def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_pr
             i, gt = start + j, it["depth"]
             mask, span = it["valid"] & ~k, (it["min_depth"], it["max_depth"])
             fraction.append(k.sum() / it["valid"].sum())
-            per["metric"].append(depth_metrics(fit_scale(r, gt, k)[0] * r, gt, mask, "none", *span))
+            per["metric"].append(depth_metrics(data.fit_scale(r, gt, k)[0] * r, gt, mask, "none", *span))
             per["affine"].append(depth_metrics(r, gt, mask, args.alignment, *span))
             per["nearest"].append(depth_metrics(nearest_fill(gt, k), gt, mask, "none", *span))
             if i2d_preds is not None:
                 p = i2d_preds[i]
-                per["i2d_scaled"].append(depth_metrics(fit_scale(p, gt, k)[0] * p, gt, mask, "none", *span))
+                per["i2d_scaled"].append(depth_metrics(data.fit_scale(p, gt, k)[0] * p, gt, mask, "none", *span))
             rows.setdefault(i, {"index": i, "name": it["name"]})["complete_abs_rel"] = per["metric"][-1]["abs_rel"]
             if i < len(panels):
                 panels[i].append(colorize_depth(r, None, disparity_range(gt, it["valid"])))

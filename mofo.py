@@ -604,6 +604,10 @@ def distill_loss(teacher: nn.Module, x_rgb: torch.Tensor, t_rgb: torch.Tensor, t
 # Sampler: Euler over both streams with per-modality schedules (RECIPE 4)
 # -----------------------------------------------------------------------------
 
+# Per-mode defaults, measured on held-out scenes (results/sampling.md and RECIPE 4.3).
+DEFAULT_STEPS = {"joint": 30, "i2d": 1, "d2i": 30}
+DEFAULT_CFG = {"joint": 3.0, "i2d": 1.0, "d2i": 7.0}
+
 
 def shift_schedule(u: torch.Tensor, mu: float) -> torch.Tensor:
     """t = e^mu / (e^mu + (1/u - 1)) (sigma = 1), i.e. s*u / (1 + (s-1)*u) with s = e^mu."""

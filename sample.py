@@ -43,10 +43,6 @@ from checkpoint import load_checkpoint, resolve_checkpoint
 from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
                     write_json)
 
-# Chosen by measurement on held-out scenes (results/sampling.md): i2d is best as one x-prediction;
-# joint guidance above 3 breaks its depth; d2i follows its caption best from 7 on.
-DEFAULT_CFG = {"joint": 3.0, "i2d": 1.0, "d2i": 7.0}
-DEFAULT_STEPS = {"joint": 30, "i2d": 1, "d2i": 30}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPTH_EXTS = (".npy", ".png")
 
@@ -94,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model (reduce-overhead: CUDA graphs replay each step's launches); "
                         "the first batch is run once more as a warm-up")
     args = p.parse_args(argv)
-    args.steps = DEFAULT_STEPS[args.mode] if args.steps is None else args.steps
+    args.steps = mofo.DEFAULT_STEPS[args.mode] if args.steps is None else args.steps
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -234,13 +230,6 @@ def read_input_depth(path: str) -> tuple[np.ndarray, np.ndarray]:
     return depth, valid
 
 
-def fit_scale(rel: np.ndarray, metric: np.ndarray, known: np.ndarray) -> tuple[float, float]:
-    """Least-squares scale a with a * rel ~ metric on the known pixels -> (a, RMS residual in metric units)."""
-    r, m = rel[known].astype(np.float64), metric[known].astype(np.float64)
-    a = float((r * m).sum() / max((r * r).sum(), 1e-12))
-    return a, float(np.sqrt(np.mean((a * r - m) ** 2)))
-
-
 def load_item(item: Item, mode: str, res: int) -> dict:
     """Read an item's inputs and letterbox them to the square model resolution. The outputs come
     back at the input's size (`out_hw`); `box` is where the input sits in the square."""
@@ -328,7 +317,7 @@ def write_item(args, item: Item, x: dict, rgb: torch.Tensor, z: torch.Tensor | N
             depth, meta["marked_pixels"] = placed_depth(z, box, out_hw)
             if depth_m is not None:  # completion (i2d, or d2i with holes): metric, the known points kept
                 ok = valid & np.isfinite(depth)
-                scale, rms = fit_scale(depth, depth_m, ok) if ok.any() else (1.0, 0.0)
+                scale, rms = data.fit_scale(depth, depth_m, ok) if ok.any() else (1.0, 0.0)
                 depth = np.where(valid, depth_m, depth * scale)
                 meta.update(depth="metric: the given depth pixels, the rest generated and scaled to them by "
                                   "least squares", depth_scale=scale, depth_fit_rms=rms, known_pixels=int(valid.sum()))
@@ -364,7 +353,7 @@ def load_model(args):
     if args.compile:
         model = torch.compile(model, mode="reduce-overhead", dynamic=False)
     meta = {"args": vars(args), "checkpoint": os.path.abspath(ckpt), "model": model.cfg.name, "res": res,
-            "cfg_scale": DEFAULT_CFG[args.mode] if args.cfg is None else args.cfg,
+            "cfg_scale": mofo.DEFAULT_CFG[args.mode] if args.cfg is None else args.cfg,
             "log2_alpha": args.log2_alpha if args.mode == "joint" else None, "device": str(device),
             "dtype": "bf16" if bf16 else "fp32"}
     return model, tok, res, meta
