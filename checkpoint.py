@@ -102,7 +102,7 @@ def model_from_state(cfg: mofo.Config, state: dict[str, torch.Tensor], device: s
     if set(state) != expected:
         raise ValueError(f"{len(expected - set(state))} missing, {len(set(state) - expected)} unexpected")
     # Fresh allocations (copy=True): a tensor read from the file may sit at any offset of its
-    # buffer, and CPU GEMMs may round differently on unaligned memory, breaking bit-exact resume.
+    # buffer; a copy is aligned the way a fresh run's weights are.
     state = {k: v.to(device, torch.float32 if dtype is None or mofo.keeps_fp32(k) else dtype, copy=True)
              for k, v in state.items()}
     model.load_state_dict(state, assign=True)

@@ -13,9 +13,10 @@ activations in the backward pass. SCALING.md has the memory arithmetic and the m
 
 --out is a run folder: ckpt_XXXXXXX/ checkpoints (checkpoint.py), a `latest` pointer,
 metrics.jsonl, samples/ grids and loss.png. A run killed at any moment continues with --resume
-and ends with the same weights as if it had never stopped (bit-exact on CPU): every random
-number of a step comes from a generator seeded by (seed, step, rank), the data order is a
-function of the step, and checkpoints are published by renaming. Ctrl-C or SIGTERM saves the
+and ends with the same weights as if it had never stopped (on the CPU to the last bits, but for
+a rare rounding difference between processes; README): every random number of a step comes from
+a generator seeded by (seed, step, rank), the data order is a function of the step, and
+checkpoints are published by renaming. Ctrl-C or SIGTERM saves the
 current step first and prints the command that resumes.
 """
 from __future__ import annotations
@@ -31,11 +32,6 @@ import signal
 import sys
 import time
 import warnings
-
-# MKL's CPU matrix products are bitwise reproducible from one process to the next only in its
-# strict conditional-numerical-reproducibility mode; a resumed run must repeat the uninterrupted
-# one bit for bit. Set before torch loads MKL; an MKL_CBWR already in the environment wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import numpy as np
 import torch

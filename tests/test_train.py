@@ -1,4 +1,4 @@
-"""train.py: checkpoints, bit-exact resume, DDP on CPU, the t2i -> mofo recipe, bad input."""
+"""train.py: checkpoints, exact resume, DDP on CPU, the t2i -> mofo recipe, bad input."""
 import copy
 import json
 import os
@@ -16,7 +16,7 @@ import checkpoint
 import data
 import scenes
 import train
-from helpers import ENV, ROOT, TINY, assert_user_error, run_cli, train_tiny
+from helpers import ENV, ROOT, TINY, assert_same_run, assert_user_error, run_cli, train_tiny
 
 
 def weights(run_dir: str) -> dict[str, torch.Tensor]:
@@ -48,9 +48,9 @@ def test_checkpoint_roundtrip_and_outputs(tmp_path):
     assert os.path.isfile(os.path.join(out, "samples", "step_0000003.png"))
 
 
-def test_resume_is_bit_exact_after_sigkill(tmp_path):
-    """Kill a run with SIGKILL after its first checkpoint, resume it: same weights, optimizer
-    state and EMA as the same run never interrupted."""
+def test_resume_after_sigkill_repeats_the_run(tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint, resume it: the weights, optimizer state
+    and EMA of the same run never interrupted (helpers.assert_same_run)."""
     args = [*TINY, "--stage", "mofo", "--steps", "8", "--save-every", "2"]
     straight = str(tmp_path / "straight")
     run_cli("train.py", *args, "--out", straight)
@@ -67,10 +67,7 @@ def test_resume_is_bit_exact_after_sigkill(tmp_path):
     assert step < 8, "the run finished before it could be killed; the test proves nothing"
     res = run_cli("train.py", "--resume", "--steps", "8", "--out", killed, "--num-workers", "0")
     assert f"steps {step}->8" in res.stdout
-    a, b = weights(straight), weights(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_run(weights(straight), weights(killed))
     # the metrics log has each step once
     steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))]
     assert steps == list(range(1, 9))
@@ -101,8 +98,7 @@ def test_t2i_then_mofo_recipe(tmp_path):
     assert m.cfg.has_depth
     # the fresh depth-only weights are seeded too: the same command gives the same model
     again = train_tiny(str(tmp_path / "mofo2"), "--stage", "mofo", "--init", t2i, steps=1)
-    a, b = weights(out), weights(again)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(weights(out), weights(again))
     # the text tokenizer travels with the weights
     assert open(os.path.join(checkpoint.resolve_checkpoint(t2i), "tokenizer.json")).read() == \
         open(os.path.join(checkpoint.resolve_checkpoint(out), "tokenizer.json")).read()
@@ -197,7 +193,7 @@ def test_compiled_blocks_train_like_eager(tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_and_resumes_bit_exact(tmp_path, sig, code):
+def test_signal_saves_and_resumes(tmp_path, sig, code):
     """SIGTERM (a cluster's preemption notice) or Ctrl-C mid-run: the run saves the step it is at,
     says how to resume, exits 128 + signal; the resumed run ends where the uninterrupted one does."""
     args = [*TINY, "--stage", "mofo", "--steps", "12", "--save-every", "100"]
@@ -215,8 +211,7 @@ def test_signal_saves_and_resumes_bit_exact(tmp_path, sig, code):
     step = json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))["step"]
     assert 2 <= step < 12, "the run finished before it could be stopped; the test proves nothing"
     run_cli("train.py", "--resume", "--out", out, "--num-workers", "0")
-    a, b = weights(straight), weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(weights(straight), weights(out))
 
 
 def test_checkpoint_files_are_readable_by_others(tmp_path):
@@ -263,3 +258,15 @@ def test_learning_rate_schedule():
     assert [lr / 1e-3 for lr in lrs[80:]] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
     args.decay = 0.0  # the default: constant to the last step
     assert train.learning_rate(args, 99) == pytest.approx(1e-3)
+
+
+def test_same_run_tolerance():
+    """assert_same_run lets through the CPU's rare last-bit rounding differences (~1e-8) and stops a
+    one-step slip (a learning-rate-sized move, 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(64, 64, generator=g), "opt/w/step": torch.tensor(8.0)}
+    assert_same_run(a, {"w": a["w"] + 1e-8 * torch.randn(64, 64, generator=g), "opt/w/step": torch.tensor(8.0)})
+    with pytest.raises(AssertionError):
+        assert_same_run(a, {"w": a["w"] + 1e-5, "opt/w/step": torch.tensor(8.0)})
+    with pytest.raises(AssertionError):
+        assert_same_run(a, {"w": a["w"], "opt/w/step": torch.tensor(7.0)})
