@@ -270,3 +270,23 @@ def test_same_run_tolerance():
         assert_same_run(a, {"w": a["w"] + 1e-5, "opt/w/step": torch.tensor(8.0)})
     with pytest.raises(AssertionError):
         assert_same_run(a, {"w": a["w"], "opt/w/step": torch.tensor(7.0)})
+
+
+def test_gpu_train_script_dry_run(tmp_path):
+    """tools/gpu_train.sh (make gpu-train) end to end on the CPU at toy sizes, so a lent GPU's
+    minutes are not lost to its plumbing: every training and evaluation runs, the three claims
+    get a verdict from paired per-image numbers, and only the six result files stay."""
+    out = tmp_path / "gt"
+    env = {**ENV, "PY": sys.executable, "CONFIG": "tiny", "T2I_STEPS": "2", "MOFO_STEPS": "2", "BATCH": "4",
+           "N_EVAL": "4", "GEN_STEPS": "2", "DEVICE": "cpu", "GPU_TRAIN_OUT": str(out)}
+    proc = subprocess.run(["bash", "tools/gpu_train.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["claims.json", "claims.md", "full.log", "i2d_worst.png",
+                                       "joint_samples.png", "summary.txt"]
+    record = json.load(open(out / "claims.json"))
+    assert record["steps"] == {"t2i": 2, "dense": 2, "lidar": 2, "scratch": 2}
+    assert set(record["evaluations"]) == {"dense", "depth-first", "lidar", "scratch"}
+    assert all(c["verdict"] in ("holds", "does not hold", "within the noise") and c["n"] == 4
+               for c in record["claims"]), record["claims"]
+    assert "FAILED" not in (out / "summary.txt").read_text()

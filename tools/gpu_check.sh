@@ -21,23 +21,7 @@ SUMMARY=$OUT/summary.txt TABLE=$OUT/.table LOG=$OUT/full.log
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null; date -u +%FT%TZ; } > "$OUT/.header" 2>&1
 
-left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-
-# step NAME MAX_SECONDS CMD...: run CMD with at most MAX_SECONDS (less if the deadline is nearer).
-step() {
-  local name=$1 max=$2; shift 2
-  local l; l=$(left)
-  if (( l < 20 )); then printf '%-10s skipped (%ss left)\n' "$name" "$l" >> "$TABLE"; return; fi
-  (( max > l )) && max=$l
-  local t0; t0=$(date +%s)
-  echo "===== $name: $*" >> "$LOG"
-  timeout --signal=INT --kill-after=10 "$max" "$@" > "$OUT/.step" 2>&1
-  local rc=$?
-  cat "$OUT/.step" >> "$LOG"
-  local verdict=ok; (( rc != 0 )) && verdict="FAILED rc=$rc"; (( rc == 124 )) && verdict="TIMED OUT"
-  printf '%-10s %-14s %4ss  limit %ss\n' "$name" "$verdict" "$(( $(date +%s) - t0 ))" "$max" >> "$TABLE"
-  { echo "--- $name"; tail -n "${TAIL:-20}" "$OUT/.step"; } >> "$OUT/.tails"
-}
+source "$(dirname "$0")/steps.sh"
 
 : > "$OUT/.tails"
 B="$PY tools/bench.py"
@@ -53,6 +37,6 @@ TAIL=8 step sample-cli 60 bash -c "for i in 1 2; do /usr/bin/time -f 'sample.py 
   --ckpt $OUT/.run --mode joint --steps 50 --prompt 'a red sphere left of a blue box' --out $OUT/.s\$i; done; \
   cat $OUT/.s2/metadata.json | grep -A5 timings"
 
-{ cat "$OUT/.header"; echo; echo "step       verdict         time"; cat "$TABLE"; echo; cat "$OUT/.tails"; } > "$SUMMARY"
+{ cat "$OUT/.header"; echo; echo "step             verdict        time"; cat "$TABLE"; echo; cat "$OUT/.tails"; } > "$SUMMARY"
 rm -rf "$OUT/.run" "$OUT"/.s? "$OUT/.step" "$OUT/.table" "$OUT/.tails" "$OUT/.header"
 cat "$SUMMARY"
