@@ -428,7 +428,7 @@ def learning_rate(args, step: int) -> float:
 
 def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict], *, rank: int = 0,
                teacher=None) -> dict[str, torch.Tensor]:
-    """Warm-up lr, flow-matching loss over the micro-batches, backward, clipping, AdamW, EMA.
+    """The step's learning rate, flow-matching loss over the micro-batches, backward, clipping, AdamW, EMA.
 
     `net` runs the forward (`model` itself or its DDP wrapper); `model` owns the parameters (under
     FSDP, `net` is `model` and the parameters, gradients, AdamW state and EMA are DTensor shards:
