@@ -643,10 +643,20 @@ def main(argv: list[str] | None = None) -> int:
             if master:
                 print(f"{name}: stopped at step {step}; continue with: {sys.executable} train.py --out {args.out} "
                       f"--resume", file=sys.stderr, flush=True)
-            return 128 + stop.signum
+            return leave(128 + stop.signum, world)
+    return leave(0, world)
+
+
+def leave(code: int, world: int) -> int:
+    """The exit code; a rank of a multi-process run exits right here instead. Tearing down its gloo
+    group can deadlock: the group's destructor joins the gloo worker thread while holding the GIL,
+    and that thread may still be releasing a finished collective's Python tensors, which needs the
+    GIL. Everything is saved and flushed by now; the OS reclaims the rest."""
     if world > 1:
-        dist.destroy_process_group()
-    return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
