@@ -236,8 +236,7 @@ def test_adherence_scorer_on_ground_truth_renders():
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    # train.py --config tiny --stage mofo --data scenes --steps 2 in a subprocess; fails (not
-    # skips) the dependent tests if training fails
+    """A 2-step tiny MoFo checkpoint on the scenes, trained once for the CLI tests below."""
     return train_tiny(str(tmp_path_factory.mktemp("ckpt") / "tiny"), "--stage", "mofo",
                       "--data", "scenes", steps=2)
 
