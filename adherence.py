@@ -15,8 +15,6 @@ those colours, so their pixels are no evidence of the object (measured on ground
 high) and against other scenes' captions (the mismatched rate, low); a model's rate means
 something only beside the rate of its images scored against other scenes' captions.
 """
-from __future__ import annotations
-
 import numpy as np
 
 import scenes

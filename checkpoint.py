@@ -58,7 +58,6 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_config(path: str) -> mofo.Config:
-    """The Config in a checkpoint folder's config.json."""
     try:
         with open(os.path.join(path, "config.json")) as fh:
             raw = json.load(fh)
@@ -67,15 +66,10 @@ def read_config(path: str) -> mofo.Config:
         raise UserError(f"cannot read {path}/config.json: {e}") from None
 
 
-def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = True,
-                    dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a checkpoint or run folder written by train.py.
-
-    `ema` picks the EMA weights or the raw ones. The model is built on the meta device and the
-    stored tensors are assigned straight onto `device` (no random initialisation that would be
-    overwritten). With `dtype`, every weight is cast to it, except the depth head, which stays
-    fp32 (mofo.FP32_MODULES). Raises UserError for a missing or malformed checkpoint.
-    """
+def load_checkpoint(path: str, device: str | torch.device = "cpu", ema: bool = True, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a checkpoint or run folder written by train.py, with its EMA or raw weights
+    assigned straight onto `device` (model_from_state: no random initialisation that would be overwritten).
+    Raises UserError for a missing or malformed checkpoint."""
     path = resolve_checkpoint(path)
     cfg = read_config(path)
     device = torch.device(device)
@@ -131,11 +125,10 @@ def save_checkpoint(out: str, step: int, model, ema, opt, tok, train_state: dict
 
 
 def save_sharded_checkpoint(out: str, step: int, model, ema, opt, tok, train_state: dict) -> str | None:
-    """save_checkpoint for FSDP models, called on every rank: each rank writes its shards of the
-    weights, EMA and AdamW state into dcp/ of the temp folder, rank 0 adds the gathered
-    model.safetensors and the JSON files, renames the folder into place and repoints `latest`.
-    --out must be the same folder for every rank (a shared filesystem across nodes). Returns the
-    checkpoint folder on rank 0, None on the others."""
+    """save_checkpoint for FSDP models, called on every rank: each rank writes its shards of the weights,
+    EMA and AdamW state into dcp/ of the temp folder, rank 0 adds the gathered model.safetensors and
+    the JSON files and publishes the folder. --out must be the same folder for every rank (a shared
+    filesystem across nodes). Returns the checkpoint folder on rank 0, None on the others."""
     name, rank = f"ckpt_{step:07d}", dist.get_rank()
     tmp = os.path.join(out, f".tmp_{name}_sharded")  # one name for every rank
     if rank == 0:
@@ -151,8 +144,7 @@ def save_sharded_checkpoint(out: str, step: int, model, ema, opt, tok, train_sta
 
 def _publish(out: str, name: str, tmp: str, ema_state: dict, raw_state: dict, cfg: mofo.Config, tok,
              train_state: dict) -> str:
-    """Add model.safetensors and the JSON files to the temp folder `tmp`, rename it to out/name,
-    repoint `latest` and remove older checkpoints."""
+    """Add model.safetensors and the JSON files to `tmp`, rename it to out/name, repoint `latest`, drop older ones."""
     tensors = {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
     tensors.update({f"raw.{k}": v.detach().float().cpu().contiguous() for k, v in raw_state.items()})
     atomic_write(os.path.join(tmp, "model.safetensors"), lambda t: save_file(tensors, t))
@@ -163,7 +155,11 @@ def _publish(out: str, name: str, tmp: str, ema_state: dict, raw_state: dict, cf
     shutil.rmtree(final, ignore_errors=True)  # a leftover from a run killed before publishing it
     os.rename(tmp, final)
     write_text(os.path.join(out, LATEST), name + "\n")
-    _fsync_dir(out)
+    fd = os.open(out, os.O_RDONLY)  # fsync the folder: the rename and the new `latest` reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     for old in os.listdir(out):  # keep only the published checkpoint
         if old.startswith("ckpt_") and old != name:
             shutil.rmtree(os.path.join(out, old), ignore_errors=True)
@@ -180,7 +176,6 @@ def load_optimizer(path: str, model, opt) -> None:
 
 
 def is_sharded(path: str) -> bool:
-    """Whether a checkpoint folder holds DCP shards (written by an FSDP run)."""
     return os.path.isdir(os.path.join(path, SHARDS))
 
 
@@ -190,8 +185,7 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _sharded_state(model, ema, opt) -> dict:
-    """What DCP saves and loads: this rank's shards of the weights, the EMA and the AdamW state,
-    keyed by parameter name."""
+    """What DCP saves and loads: this rank's shards of the weights, EMA and AdamW state, by parameter name."""
     return {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
             "optim": get_optimizer_state_dict(model, opt)}
 
@@ -204,14 +198,6 @@ def load_sharded(path: str, model, ema, opt) -> None:
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, opt, state["optim"])
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export_checkpoint(src: str, dst: str) -> str:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +43,6 @@ def cli(main, prog: str) -> None:
 
 # -----------------------------------------------------------------------------
 # Atomic writes
-# -----------------------------------------------------------------------------
 
 
 def _umask() -> int:
@@ -73,28 +73,18 @@ def atomic_write(path: str, write) -> None:
 
 
 def write_bytes(path: str, blob: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def write_json(path: str, obj) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_out_dir(out: str) -> None:
-    """Refuse an output folder that exists and is not empty, and one that cannot be created."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder")
     if os.path.isdir(out) and os.listdir(out):
@@ -108,8 +98,8 @@ def check_out_dir(out: str) -> None:
 
 @contextmanager
 def staged_dir(out: str):
-    """Yield a temp folder beside `out`; on success it becomes `out` (which must be absent or
-    empty), on any failure it is removed. The user never sees a half-written output folder."""
+    """Yield a temp folder beside `out`; on success it becomes `out` (which must be absent or empty), on any
+    failure it is removed. The user never sees a half-written output folder."""
     check_out_dir(out)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -126,11 +116,9 @@ def staged_dir(out: str):
 
 # -----------------------------------------------------------------------------
 # Pictures
-# -----------------------------------------------------------------------------
 
 
 def save_png(path: str, arr: np.ndarray) -> None:
-    """Write uint8 (H, W, 3) / (H, W) or uint16 (H, W) as a PNG, atomically."""
     arr = np.ascontiguousarray(arr)
     if not (arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3))
             or arr.dtype == np.uint16 and arr.ndim == 2):
@@ -181,8 +169,7 @@ def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None,
 
     Disparity 1/d on valid pixels (d > 0, finite, and `valid` if given) is normalised between its
     5th and 95th percentiles so a few outliers don't wash out the picture; pass `disp_range`
-    (e.g. disparity_range of a ground truth) to draw several maps on one colour scale.
-    """
+    (e.g. disparity_range of a ground truth) to draw several maps on one colour scale."""
     d, ok = _usable(depth, valid)
     out = np.empty(d.shape + (3,), dtype=np.uint8)
     out[:] = unknown
@@ -207,7 +194,6 @@ def from_uint8(arr: np.ndarray) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # Device
-# -----------------------------------------------------------------------------
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -37,7 +38,6 @@ from scenes import TEST_OFFSET, render_scene
 
 
 def _open_image(src, name: str) -> Image.Image:
-    """Open and decode an image from a path or file object; `name` is used in error messages."""
     if isinstance(src, str) and not os.path.isfile(src):
         raise UserError(f"{name}: file not found (expected an image)")
     try:
@@ -58,16 +58,13 @@ def _rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB (see _rgb_array)."""
     return _rgb_array(_open_image(path, path))
 
 
 def _resize(arr: np.ndarray, h: int, w: int, nearest: bool) -> np.ndarray:
-    """Resize (H, W), (H, W, C) arrays of uint8 / bool / float to (h, w[, C]) with Pillow.
-
-    uint8 images use Pillow's antialiased bilinear filter (area-like when shrinking); everything
-    else goes channel by channel through 32-bit float ("F") images; bool masks use nearest.
-    """
+    """Resize an (H, W[, C]) uint8 / bool / float array to (h, w[, C]) with Pillow: uint8 images with its
+    antialiased bilinear filter (area-like when shrinking), everything else channel by channel through
+    32-bit float ("F") images; bool masks with nearest."""
     if arr.shape[:2] == (h, w):
         return arr
     resample = Image.Resampling.NEAREST if nearest or arr.dtype == bool else Image.Resampling.BILINEAR
@@ -95,8 +92,7 @@ def resize_image(img: np.ndarray, res: int, mode: str, nearest: bool = False
     mode "letterbox" keeps the aspect ratio and pads with zeros, "crop" scales the shorter side to
     res and centre-crops, "stretch" ignores the aspect ratio. Use nearest=True for depth and masks
     (interpolating depth across an edge invents points floating between the surfaces).
-    Returns the array and the box (top, left, h, w) that the image content occupies in it.
-    """
+    Returns the array and the box (top, left, h, w) that the image content occupies in it."""
     H, W = img.shape[:2]
     if mode == "stretch":
         return _resize(img, res, res, nearest), (0, 0, res, res)
@@ -125,7 +121,6 @@ def undo_letterbox(arr: np.ndarray, box: tuple[int, int, int, int], out_hw: tupl
 # -----------------------------------------------------------------------------
 # Depth readers: the encodings of the common depth datasets
 
-
 DEPTH_FORMATS = ("kitti", "nyu", "scannet", "diode", "eth3d", "npy", "png16")
 PNG16_SCALES = {"kitti": 1.0 / 256.0, "nyu": 1e-3, "scannet": 1e-3}  # metres per PNG unit
 ETH3D_SHAPE = (4032, 6048)  # (rows, cols) of ETH3D's DSLR depth maps
@@ -143,8 +138,7 @@ def _decode_png16(src, scale: float, name: str) -> tuple[np.ndarray, np.ndarray]
     img = _open_image(src, name)
     if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
         bits = "8-bit" if img.mode in ("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr") else "non-16-bit"
-        raise UserError(f"{name}: expected a 16-bit single-channel PNG depth map, got a {bits} image "
-                        f"(mode {img.mode})")
+        raise UserError(f"{name}: expected a 16-bit single-channel PNG depth map, got a {bits} image (mode {img.mode})")
     raw = np.asarray(img).astype(np.float64)
     return _checked(raw * scale, raw > 0)
 
@@ -165,7 +159,6 @@ def _load_npy(src, name: str) -> np.ndarray:
 
 
 def _decode_npy_depth(src, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Float array of metres; non-finite or <= 0 is invalid."""
     arr = _load_npy(src, name)
     if not np.issubdtype(arr.dtype, np.floating):
         raise UserError(f"{name}: expected a float depth array in metres, got dtype {arr.dtype}")
@@ -190,8 +183,7 @@ def read_depth(path: str, fmt: str, shape: tuple[int, int] | None = None, scale:
     fmt: "kitti" 16-bit PNG / 256; "nyu", "scannet" 16-bit PNG in mm; "png16" 16-bit PNG times
     `scale` (also overrides the scale of the PNG formats); "diode" *_depth.npy with the
     *_depth_mask.npy beside it; "eth3d" raw little-endian float32 of `shape` (default 4032 x 6048,
-    inf = missing); "npy" float array in metres. Invalid pixels get depth 0.
-    """
+    inf = missing); "npy" float array in metres. Invalid pixels get depth 0."""
     if fmt not in DEPTH_FORMATS:
         raise UserError(f"{path}: unknown depth format {fmt!r}; expected one of {', '.join(DEPTH_FORMATS)}")
     if not os.path.isfile(path):
@@ -209,8 +201,7 @@ def read_depth(path: str, fmt: str, shape: tuple[int, int] | None = None, scale:
             raise UserError(f"{path}: DIODE depth files are named *_depth.npy")
         mask_path = path[:-len(".npy")] + "_mask.npy"
         if not os.path.isfile(mask_path):
-            raise UserError(f"{path}: DIODE depth needs its validity mask "
-                            f"{os.path.basename(mask_path)} beside it")
+            raise UserError(f"{path}: DIODE depth needs its validity mask {os.path.basename(mask_path)} beside it")
         depth, valid = _decode_npy_depth(path, path)
         mask = _load_npy(mask_path, mask_path)
         if mask.shape != depth.shape:
@@ -228,7 +219,6 @@ def fit_scale(rel: np.ndarray, metric: np.ndarray, known: np.ndarray) -> tuple[f
 
 # -----------------------------------------------------------------------------
 # Sparse depth: which pixels of a dense map keep their ground truth
-
 
 SPARSE_KINDS = ("none", "lidar", "random")
 MAX_LIDAR_FRACTION = 0.05
@@ -264,7 +254,6 @@ def lidar_mask(valid: np.ndarray, rng: np.random.Generator, n_lines: int | None 
 
 
 def random_mask(valid: np.ndarray, density: float, rng: np.random.Generator) -> np.ndarray:
-    """Keep each valid pixel independently with probability `density`."""
     if not 0.0 <= density <= 1.0:
         raise UserError(f"sparse depth density must be in [0, 1], got {density}")
     return valid & (rng.random(valid.shape) < density)
@@ -298,8 +287,7 @@ def _to_sample(rgb: np.ndarray, depth: np.ndarray, dense_valid: np.ndarray, capt
     nearest resampling. Returns {"rgb": float32 (3, res, res) in [-1, 1], "depth": float32
     (res, res) metres, dense (0 where not dense_valid), "valid": bool (res, res) supervised pixels
     (after sparsification: train on these only), "dense_valid": bool (res, res) before it,
-    "caption": str, "index": int}.
-    """
+    "caption": str, "index": int}."""
     if abs(depth.shape[0] * rgb.shape[1] / (depth.shape[1] * rgb.shape[0]) - 1) > 0.01:
         raise UserError(f"{name}: depth {depth.shape[1]}x{depth.shape[0]} and image "
                         f"{rgb.shape[1]}x{rgb.shape[0]} have different aspect ratios")
@@ -307,14 +295,10 @@ def _to_sample(rgb: np.ndarray, depth: np.ndarray, dense_valid: np.ndarray, capt
     dense_valid = resize_image(dense_valid, res, "crop", nearest=True)[0]
     depth = np.where(dense_valid, resize_image(depth, res, "crop", nearest=True)[0], 0.0).astype(np.float32)
     valid = sparsify(dense_valid, sparse, rng, density)
-    return {
-        "rgb": from_uint8(rgb),
-        "depth": torch.from_numpy(depth),
-        "valid": torch.from_numpy(np.ascontiguousarray(valid)),
-        "dense_valid": torch.from_numpy(np.ascontiguousarray(dense_valid)),
-        "caption": caption,
-        "index": int(index),
-    }
+    return {"rgb": from_uint8(rgb), "depth": torch.from_numpy(depth),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+            "dense_valid": torch.from_numpy(np.ascontiguousarray(dense_valid)),
+            "caption": caption, "index": int(index)}
 
 
 def _check_sparse(sparse: str, density: float) -> None:
@@ -350,7 +334,6 @@ class SceneDataset(torch.utils.data.Dataset):
 
 # -----------------------------------------------------------------------------
 # Tokenizer for the text stream
-
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -400,8 +383,7 @@ def _depth_format(ext: str, fmt, scale, where: str) -> tuple[str, float | None]:
     """Resolve (depth_format, depth_scale) of a user depth file; `where` prefixes errors."""
     number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     if scale is not None and not (number and scale > 0):
-        raise UserError(f"{where}: \"depth_scale\" must be a positive number (metres per unit), "
-                        f"got {scale!r}")
+        raise UserError(f"{where}: \"depth_scale\" must be a positive number (metres per unit), got {scale!r}")
     if fmt is None:
         if ext == ".npy":
             fmt = "npy"
@@ -414,8 +396,7 @@ def _depth_format(ext: str, fmt, scale, where: str) -> tuple[str, float | None]:
             raise UserError(f"{where}: can't tell the depth format of a {ext or 'extension-less'} file; "
                             f"give \"depth_format\" ({', '.join(DEPTH_FORMATS)})")
     if fmt not in DEPTH_FORMATS:
-        raise UserError(f"{where}: unknown \"depth_format\" {fmt!r}; "
-                        f"expected one of {', '.join(DEPTH_FORMATS)}")
+        raise UserError(f"{where}: unknown \"depth_format\" {fmt!r}; expected one of {', '.join(DEPTH_FORMATS)}")
     if fmt == "png16" and scale is None:
         raise UserError(f"{where}: \"depth_format\" png16 needs \"depth_scale\" (metres per unit)")
     return fmt, None if scale is None else float(scale)
@@ -446,8 +427,7 @@ def _parse_manifest(path: str) -> list[dict]:
             image = os.path.join(base, image)  # join keeps absolute paths as they are
             if not os.path.isfile(image):
                 raise UserError(f"{where}: image file not found: {image}")
-            out = {"image": image, "caption": caption,
-                   "depth": None, "depth_format": None, "depth_scale": None}
+            out = {"image": image, "caption": caption, "depth": None, "depth_format": None, "depth_scale": None}
             if row.get("depth") is not None:
                 if not isinstance(row["depth"], str):
                     raise UserError(f"{where}: \"depth\" must be a path")
@@ -539,8 +519,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Shard i goes to rank i % world_size; with fewer shards than ranks, samples are dealt out
     round-robin instead. Within a rank, DataLoader workers take turns sample by sample. The order
     is fixed; `start` skips that many samples of this rank's stream (to resume), and loop=True
-    repeats the shards forever. Items are the SceneDataset dict ("index" = position in the stream).
-    """
+    repeats the shards forever. Items are the SceneDataset dict ("index" = position in the stream)."""
 
     def __init__(self, pattern_or_paths, res: int, rank: int = 0, world_size: int = 1, sparse: str = "none",
                  density: float = 0.05, start: int = 0, loop: bool = True):
@@ -555,8 +534,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """This rank's samples in order (forever if looping): (open tar, shard, key, members, epoch)."""
         by_shard = len(self.shards) >= self.world_size
         shards = self.shards[self.rank::self.world_size] if by_shard else self.shards
-        epoch = 0
-        while True:
+        for epoch in itertools.count() if self.loop else [0]:
             count = 0
             for shard in shards:
                 with tarfile.open(shard) as tar:
@@ -566,13 +544,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         count += 1
             if count == 0:
                 raise UserError(f"{', '.join(shards)}: shards hold no samples")
-            epoch += 1
-            if not self.loop:
-                return
 
-    def _decode(self, tar: tarfile.TarFile, shard: str, key: str, members: dict, position: int,
-                epoch: int) -> dict:
-        """One sample's files -> the training dict."""
+    def _decode(self, tar: tarfile.TarFile, shard: str, key: str, members: dict, position: int, epoch: int) -> dict:
         where = f"{shard}:{key}"
 
         def read(ext: str) -> bytes:
@@ -632,8 +605,7 @@ def make_dataset(kind: str, res: int, sparse: str, density: float, path: str | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write one procedural scene as files: rgb.png, depth.npy (metres, 0 = sky), depth.png,
-    lidar.png (the sparse LiDAR-like mask) and caption.txt."""
+    """Write one procedural scene as rgb.png, depth.npy (metres, 0 = sky), depth.png, lidar.png and caption.txt."""
     p = argparse.ArgumentParser(description="Export a procedural scene (RGB, exact depth, caption, LiDAR mask).",
                                 epilog="example:\n  .venv/bin/python data.py --scene 3 --split test --res 64 --out scene3",
                                 formatter_class=HelpFormatter)

@@ -7,8 +7,6 @@ range predictions are clipped to}:
   their native resolution, with each dataset's depth range and crop;
 - "manifest": your own images with depth, listed in a jsonl manifest (data.ManifestDataset).
 """
-from __future__ import annotations
-
 import math
 import os
 
@@ -20,11 +18,9 @@ from data import ManifestDataset, load_image, read_depth
 from scenes import TEST_OFFSET, render_scene
 
 # -----------------------------------------------------------------------------
-# The Marigold evaluation layout
-# A split file lists "rgb_rel_path depth_rel_path [extra...]" per line, relative to the dataset
-# root (the extracted tar of Marigold's evaluation set). "split" is the file's path in the Marigold
-# repository; we look for it in the root under that path or just its base name.
-
+# The Marigold evaluation layout: a split file lists "rgb_rel_path depth_rel_path [extra...]" per line,
+# relative to the dataset root (the extracted tar of Marigold's evaluation set). "split" is the file's path
+# in the Marigold repository; we look for it in the root under that path or just its base name.
 
 DATASETS: dict[str, dict] = {
     "nyu": dict(min_depth=1e-3, max_depth=10.0, fmt="nyu", crop="nyu_eigen",
@@ -66,9 +62,8 @@ def _eval_region(crop: str | None, shape: tuple[int, int]) -> np.ndarray:
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """A real evaluation set in the Marigold layout. Items: {"rgb": uint8 (H, W, 3) at native
-    resolution, "depth": float32 (H, W) metres, "valid": bool (H, W) (min < gt < max and the
-    dataset's crop / mask), "name": rgb path relative to root, "min_depth", "max_depth"}."""
+    """A real evaluation set in the Marigold layout, at native resolution; "valid" is min < gt < max within
+    the dataset's crop / mask, "name" the rgb path relative to root."""
 
     def __init__(self, name: str, root: str, split_file: str | None = None, n: int | None = None):
         if name not in DATASETS or name == "scenes":
@@ -79,8 +74,7 @@ class EvalDataset(torch.utils.data.Dataset):
             raise UserError(f"{root}: {name} evaluation data not found (expected the extracted Marigold "
                             f"evaluation set for {name} in this folder)")
         if split_file is None:
-            candidates = [os.path.join(root, self.cfg["split"]),
-                          os.path.join(root, os.path.basename(self.cfg["split"]))]
+            candidates = [os.path.join(root, p) for p in (self.cfg["split"], os.path.basename(self.cfg["split"]))]
             split_file = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
             if not os.path.isfile(split_file):
                 raise UserError(f"{root}: no split file {os.path.basename(self.cfg['split'])} found (copy "
@@ -99,7 +93,7 @@ class EvalDataset(torch.utils.data.Dataset):
                 if fields[1] == "None":  # KITTI lists frames without ground truth this way
                     continue
                 self.items.append((fields[0], fields[1]))
-        self.items = self.items[:n] if n is not None else self.items
+        self.items = self.items[:n]
         if not self.items:
             raise UserError(f"{split_file}: no samples listed")
         missing = [p for pair in self.items for p in pair if not os.path.isfile(os.path.join(root, p))]
@@ -126,14 +120,9 @@ class EvalDataset(torch.utils.data.Dataset):
                 "valid": np.ascontiguousarray(valid), "name": rgb_rel, "min_depth": lo, "max_depth": hi}
 
 
-# -----------------------------------------------------------------------------
-# Held-out scenes and manifests
-
-
 class SceneEvalDataset(torch.utils.data.Dataset):
-    """Held-out procedural scenes (the "test" split) with the EvalDataset item interface (plus
-    "caption" and "scene", the scene index); valid = every non-sky pixel. Item i is held-out scene
-    `offset + i`, i.e. scene TEST_OFFSET + offset + i. Needs no download."""
+    """Held-out procedural scenes, plus "caption" and "scene" (the scene index) per item; valid = every
+    non-sky pixel. Item i is held-out scene `offset + i`, i.e. scene TEST_OFFSET + offset + i."""
 
     def __init__(self, res: int, n: int = 100, offset: int = 0):
         self.res, self.n, self.offset = res, n, offset
@@ -148,18 +137,13 @@ class SceneEvalDataset(torch.utils.data.Dataset):
         s = render_scene(index, self.res)
         cfg = DATASETS["scenes"]
         return {"rgb": s["rgb"], "depth": s["depth"], "valid": s["valid"], "name": f"scene_{index}",
-                "caption": s["caption"], "scene": index, "min_depth": cfg["min_depth"],
-                "max_depth": cfg["max_depth"]}
+                "caption": s["caption"], "scene": index, "min_depth": cfg["min_depth"], "max_depth": cfg["max_depth"]}
 
 
 class ManifestEval(torch.utils.data.Dataset):
-    """A jsonl manifest (data.ManifestDataset) with the EvalDataset item interface.
-
-    ManifestDataset centre-crops image and depth to the model resolution, so a manifest is scored
-    on that res x res crop rather than at the original resolution (letterboxing a square image is
-    then the identity). Rows without depth have no valid pixel and are skipped. The depth range
-    is open: (1e-5, inf).
-    """
+    """A jsonl manifest, scored on the res x res centre crop data.ManifestDataset makes (letterboxing a square
+    image is then the identity), not at the original resolution. Rows without depth have no valid pixel and
+    are skipped. The depth range is open: (1e-5, inf)."""
 
     def __init__(self, path: str, res: int, n: int | None):
         self.ds = ManifestDataset(path, res)
@@ -178,9 +162,8 @@ class ManifestEval(torch.utils.data.Dataset):
 
 def get_eval_dataset(name: str, root: str | None, n: int | None, res: int, offset: int = 0
                      ) -> torch.utils.data.Dataset:
-    """The first n items (all if None) of evaluation set `name`: "scenes" (held-out procedural
-    scenes offset.. at res, default 100), "manifest" (root is the .jsonl file, cropped to res) or
-    a real set read from root at its native resolution (res is then unused)."""
+    """The first n items (all if None; scenes: 100) of set `name`: held-out scenes from `offset` at res, a
+    manifest (root: the .jsonl file) cropped to res, or a real set read from root at its native resolution."""
     if name == "scenes":
         return SceneEvalDataset(res, 100 if n is None else n, offset)
     if name == "manifest":

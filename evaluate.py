@@ -28,12 +28,6 @@ is worth:
             given: metric (scaled to the known points by least squares, data.fit_scale) and
             affine-aligned, beside a nearest-known-point fill and the i2d prediction so scaled.
 
-Usage:
-    python evaluate.py --ckpt out/tiny --data scenes --n 8 --steps 10
-    python evaluate.py --ckpt out/tiny --data scenes --n 128 --offset 64 --tasks i2d,complete
-    python evaluate.py --ckpt out/big --data nyu --data-path data/nyuv2 --ensemble 10 --steps 50
-    python evaluate.py --ckpt out/big --data manifest --data-path data/val.jsonl
-
 Metric dicts hold raw fractions (0.055, not 5.5); tables print AbsRel and delta1 x 100.
 """
 
@@ -62,23 +56,17 @@ METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "median", "none")
 
 # -----------------------------------------------------------------------------
-# Alignment: affine-invariant predictions are compared after fitting scale (+ shift) to GT
+# Scoring: affine-invariant predictions are fitted in scale (+ shift) to the GT, then compared
 
 
 def _fit_scale_shift(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Closed-form least squares for y ~ a*x + b over 1-D arrays (any length >= 1).
-
-    Solved through centred moments (numerically nicer than the raw 2x2 normal equations). When x
-    is (numerically) constant the 2x2 system is singular: any line through (mean x, mean y) fits
-    equally well, so we fall back to shift only (a = 1), which gives the best constant prediction.
-    """
-    x = x.astype(np.float64)
-    y = y.astype(np.float64)
+    """Least squares y ~ a*x + b over 1-D arrays (any length >= 1), through centred moments (numerically
+    nicer than the normal equations). For a constant x any line through the means fits: a = 1, shift only."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
     mx, my = x.mean(), y.mean()
     dx = x - mx
     var = float(np.mean(dx * dx))
-    # relative threshold: a spread of ~1e-6 of the magnitude counts as constant
-    if var <= 1e-12 * max(float(np.mean(x * x)), 1e-300):
+    if var <= 1e-12 * max(float(np.mean(x * x)), 1e-300):  # a spread of ~1e-6 of the magnitude: constant
         return 1.0, float(my - mx)
     a = float(np.mean(dx * (y - my)) / var)
     return a, float(my - a * mx)
@@ -91,8 +79,7 @@ def _check_inputs(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.nda
     valid = valid.astype(bool)
     if not valid.any():
         raise ValueError("empty valid mask: no ground-truth pixel to evaluate on")
-    g = gt[valid]
-    if not (np.all(np.isfinite(g)) and np.all(g > 0)):
+    if not np.all(np.isfinite(gt[valid]) & (gt[valid] > 0)):
         raise ValueError("ground truth must be finite and > 0 on valid pixels")
     return valid
 
@@ -129,10 +116,6 @@ def align_depth(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
     return 1.0 / np.maximum(a * disp + b, 1e-3)
 
 
-# -----------------------------------------------------------------------------
-# Metrics: per image over valid pixels, then a plain mean over images
-
-
 def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
                   alignment: str = "least_squares", min_depth: float = 1e-5,
                   max_depth: float = math.inf) -> dict[str, float]:
@@ -167,21 +150,14 @@ def mean_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
 
 
-# -----------------------------------------------------------------------------
-# Ensembling: K seeds -> one prediction + an uncertainty map, without touching the GT
-
-
 def ensemble_depth(preds: np.ndarray, fit_mask: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Combine K affine-invariant depth samples into a median map and a spread map.
+    """Merge K affine-invariant depth samples (K, H, W), without the GT, into (median, spread), each (H, W) float64.
 
-    preds: (K, H, W); fit_mask: optional (H, W) bool of pixels used to fit the alignments
-    (e.g. the letterbox content), default all pixels. Each sample has its own unknown scale and
-    shift, so members are first brought into a common frame: align every member to a reference by
-    least squares (reference = member 0, then once more to the median of that first pass, so the
-    result does not hinge on member 0), then take the pixel-wise median. The spread is the median
-    absolute deviation from that median, a robust per-pixel uncertainty in the same units.
-    Returns (median (H, W), spread (H, W)), float64.
+    Each sample has its own unknown scale and shift: every member is aligned by least squares over fit_mask
+    ((H, W) bool, e.g. the letterbox content; default all pixels) to member 0, then once more to the median of
+    that first pass, so the result does not hinge on member 0. The spread is the median absolute deviation
+    from the median: a robust per-pixel uncertainty in the same units.
     """
     if preds.ndim != 3 or preds.shape[0] < 1:
         raise ValueError(f"expected preds of shape (K, H, W), got {preds.shape}")
@@ -194,12 +170,7 @@ def ensemble_depth(preds: np.ndarray, fit_mask: np.ndarray | None = None
             a, b = _fit_scale_shift(p[m], ref[m])
             aligned[k] = a * p + b
         ref = np.median(aligned, axis=0)
-    spread = np.median(np.abs(aligned - ref), axis=0)
-    return ref, spread
-
-
-# -----------------------------------------------------------------------------
-# Baselines: predictors that need no model, scored through the same alignment and metrics
+    return ref, np.median(np.abs(aligned - ref), axis=0)
 
 
 def mean_baseline(gt: np.ndarray) -> np.ndarray:
@@ -209,13 +180,9 @@ def mean_baseline(gt: np.ndarray) -> np.ndarray:
 
 
 def scene_plane_baseline(scene_index: int, res: int) -> np.ndarray:
-    """The 'flat ground' predictor of procedural scene `scene_index`: (res, res) z-depth of its
-    ground plane alone, as seen by the scene's own camera (the scene rendered with no objects).
-
-    It knows the true camera height, pitch and field of view, so it is the best a model could do
-    that understands the camera but sees no object. Pixels where the ray never meets the ground
-    (sky, or an object standing above the horizon) get the farthest ground depth.
-    """
+    """The 'flat ground' predictor of procedural scene `scene_index`: (res, res) z-depth of the scene
+    rendered with no objects, so the best a model could do that knows the true camera but sees no object.
+    Pixels where the ray never meets the ground (sky, or above the horizon) get the farthest ground depth."""
     scene = dataclasses.replace(scenes.sample_scene(scene_index), objects=[])
     r = scenes.render(scene, res)
     depth, on_ground = r["depth"].astype(np.float64), r["valid"]
@@ -225,20 +192,17 @@ def scene_plane_baseline(scene_index: int, res: int) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Running the model: batched i2d, K seeds per image
+# Running the model, in batches
 
 
 @torch.no_grad()
 def predict_batch(model: torch.nn.Module, tok, rgbs: list[np.ndarray], *, steps: int,
                   ensemble: int, seed: int, device: torch.device
                   ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """i2d on a batch of uint8 images (each (H_i, W_i, 3), any size).
-
-    Each image is letterboxed to the model's square resolution, sampled `ensemble` times with
-    seeds seed, seed+1, ... (the noise is per batch, so results depend on the batch size), and
-    the relative depth is mapped back to (H_i, W_i). Returns per image the prediction (H_i, W_i)
-    and, for ensemble > 1, the spread map (H_i, W_i) in the same relative-depth units (else None).
-    """
+    """i2d on uint8 images (each (H_i, W_i, 3), any size), letterboxed to the model resolution and sampled
+    `ensemble` times with seeds seed, seed+1, ... (the noise is per batch, so results depend on the batch
+    size). Returns per image the relative depth (H_i, W_i) and, for ensemble > 1, the spread map (H_i, W_i)
+    in the same units (else None)."""
     res = model.cfg.res
     boxed = [data.resize_image(img, res, "letterbox") for img in rgbs]
     x = from_uint8(np.stack([b[0] for b in boxed])).to(device)           # (B, 3, res, res)
@@ -271,9 +235,8 @@ def predict_batch(model: torch.nn.Module, tok, rgbs: list[np.ndarray], *, steps:
 def generate_batch(model: torch.nn.Module, tok, items: list[dict], mode: str, *, steps: int, cfg: float,
                    log2_alpha: float, seed: int, device: torch.device
                    ) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """joint (caption -> RGB + depth) or d2i (the item's depth + caption -> RGB) on square items at
-    the model resolution. Returns uint8 images (res, res, 3) and, for joint, the generated relative
-    depth (B, res, res) (None for d2i)."""
+    """joint (caption -> RGB + depth) or d2i (the item's depth + caption -> RGB) on square items at the model
+    resolution. Returns uint8 images (res, res, 3) and the generated relative depth (B, res, res) (d2i: None)."""
     ids = data.encode_text(tok, [it["caption"] for it in items], model.cfg.text_len).to(device)
     cond = {}
     if mode == "d2i":  # unknown (sky) pixels are noise, as in training
@@ -313,7 +276,7 @@ def nearest_fill(depth: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Pictures: worst-case rows and uncertainty maps
+# Pictures and report files
 
 
 def error_colormap(x: np.ndarray) -> np.ndarray:
@@ -324,20 +287,15 @@ def error_colormap(x: np.ndarray) -> np.ndarray:
 
 
 def worst_row(item: dict, pred: np.ndarray, title: str, height: int = 192) -> np.ndarray:
-    """One row of worst.png: RGB | GT | prediction | relative error, each `height` px tall.
-
-    pred is the aligned and clipped prediction the metrics saw. The error panel shows
-    |pred - gt| / gt on valid pixels, 0 (black) to 0.25 (white); invalid pixels are grey.
-    """
+    """One row of worst.png, each panel `height` px tall: RGB | GT | pred (aligned and clipped, as the metrics
+    saw it) | |pred - gt| / gt on valid pixels, 0 (black) to 0.25 (white), invalid pixels grey."""
     gt, valid = item["depth"], item["valid"]
     h, w = gt.shape
-    err = np.abs(pred - gt) / np.where(valid, gt, 1.0)
-    err_rgb = error_colormap(err / 0.25)
+    err_rgb = error_colormap(np.abs(pred - gt) / np.where(valid, gt, 1.0) / 0.25)
     err_rgb[~valid] = 64
     # one colour scale for both, taken from the GT: a prediction's outliers must not hide the GT
     scale = data.disparity_range(gt, valid)
-    panels = [item["rgb"], data.colorize_depth(gt, valid, scale), data.colorize_depth(pred, None, scale),
-              err_rgb]
+    panels = [item["rgb"], data.colorize_depth(gt, valid, scale), data.colorize_depth(pred, None, scale), err_rgb]
     size = (max(1, round(w * height / h)), height)
     # nearest when enlarging keeps small (e.g. 32 px) maps crisp instead of smeared
     resample = Image.NEAREST if h < height else Image.BILINEAR
@@ -364,10 +322,6 @@ def sheet(rows: list[list[np.ndarray]], size: int = 96) -> np.ndarray:
     return np.concatenate([np.concatenate([big(p) for p in r], axis=1) for r in rows], axis=0)
 
 
-# -----------------------------------------------------------------------------
-# Report helpers
-
-
 def write_csv(path: str, rows: list[dict]) -> None:
     """One line per row; the columns are the union of the rows' keys (missing values empty)."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -378,9 +332,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -547,11 +500,6 @@ def run_i2d(args, model, tok, ds, device, stage: str, rows: dict, summary: dict,
     return kept if keep else None
 
 
-def _adherence_row(c: dict[str, int]) -> float:
-    tests = c["colours"] + c["relations"]
-    return (c["colours_ok"] + c["relations_ok"]) / tests if tests else math.nan
-
-
 def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, rows: dict, summary: dict,
                     i2d_preds: list | None) -> None:
     """joint, d2i and completion on held-out scenes; fills rows and summary, writes samples.png."""
@@ -561,9 +509,7 @@ def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, row
     summary["adherence_oracle"] = adherence.score_set([it["rgb"] for it in items], objects)
     shown = min(6, n)
     panels = [[it["rgb"], colorize_depth(it["depth"], it["valid"])] for it in items[:shown]]
-    for mode in ("joint", "d2i"):
-        if mode not in args.tasks:
-            continue
+    for mode in [m for m in ("joint", "d2i") if m in args.tasks]:
         cfg, t0 = mofo.DEFAULT_CFG[mode] if args.cfg is None else args.cfg, time.time()
         imgs, depths, est = [], [], []
         for start in range(0, n, bs):
@@ -580,7 +526,9 @@ def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, row
                "adherence_random_caption": adherence.rates(
                    [adherence.score_image(im, objects[j]) for im, j in zip(imgs, other)])}
         for i, c in enumerate(counts):
-            rows.setdefault(i, {"index": i, "name": items[i]["name"]})[f"{mode}_adherence"] = _adherence_row(c)
+            tests = c["colours"] + c["relations"]
+            row = rows.setdefault(i, {"index": i, "name": items[i]["name"]})
+            row[f"{mode}_adherence"] = (c["colours_ok"] + c["relations_ok"]) / tests if tests else math.nan
         if mode == "joint":  # i2d on the generated image against the generated depth
             res["log2_alpha"] = args.log2_alpha
             def consistency(e, d):
@@ -607,9 +555,7 @@ def run_scene_tasks(args, model, tok, items: list[dict], device, stage: str, row
 
 def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_preds: list | None,
                  panels: list) -> dict:
-    """LiDAR-like known pixels -> dense depth, scored on the pixels not given: metric (scaled to the
-    known points by least squares, as sample.py does) and affine-aligned, beside the nearest-known-
-    point fill and (with the i2d task) the i2d prediction scaled to the known points."""
+    """The completion task (see the module docstring); i2d_preds, when given, is scaled to the known points."""
     per = {k: [] for k in ("metric", "affine", "nearest", "i2d_scaled")}
     fraction, t0 = [], time.time()
     for start in range(0, len(items), args.batch_size):
@@ -647,11 +593,10 @@ def print_tables(args, s: dict) -> None:
         o = s["adherence_oracle"]
         print(f"\nprompt adherence x100 (colour / relation / both): ground-truth renders "
               f"{_rates(o['matched'])}, against other captions {_rates(o['mismatched'])}")
-    for mode in ("joint", "d2i"):
-        if mode in s:
-            r = s[mode]
-            print(f"{mode} ({r['steps']} steps, cfg {r['cfg']:g}): adherence {_rates(r['adherence'])}, "
-                  f"random caption {_rates(r['adherence_random_caption'])}")
+    for mode in [m for m in ("joint", "d2i") if m in s]:
+        r = s[mode]
+        print(f"{mode} ({r['steps']} steps, cfg {r['cfg']:g}): adherence {_rates(r['adherence'])}, "
+              f"random caption {_rates(r['adherence_random_caption'])}")
     if "joint" in s:
         print(f"joint self-consistency (i2d of the RGB vs the depth): AbsRel "
               f"{100 * s['joint']['self_consistency']['abs_rel']:.2f}, against another sample's depth "

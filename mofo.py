@@ -33,7 +33,6 @@ from kernels import SUPPORTED_HEAD_DIMS, attention, qk_norm_rope
 
 # -----------------------------------------------------------------------------
 # Config and presets
-# -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,6 @@ def keeps_fp32(param_name: str) -> bool:
 
 # -----------------------------------------------------------------------------
 # Layers
-# -----------------------------------------------------------------------------
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
@@ -183,7 +181,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # Blocks
-# -----------------------------------------------------------------------------
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim/2) fp32
 
@@ -270,7 +267,6 @@ class FinalLayer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Model
-# -----------------------------------------------------------------------------
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -441,7 +437,6 @@ def add_depth_stream(t2i: MoFo) -> MoFo:
 
 # -----------------------------------------------------------------------------
 # Depth normalisation (RECIPE 2)
-# -----------------------------------------------------------------------------
 
 # Inverse contraction is 1/(2 - z) for z > 1, which blows up at z = 2; clamping keeps decoded depth
 # finite (at most 1/eps times the mean) and > 0.
@@ -473,7 +468,6 @@ def denormalize_depth(z: torch.Tensor) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # Training loss: flow matching with one noise level per modality (RECIPE 3)
-# -----------------------------------------------------------------------------
 
 MODES = ("joint", "i2d", "d2i")
 P_MODES = (0.6, 0.2, 0.2)  # training probability of joint, i2d, d2i per sample
@@ -602,7 +596,6 @@ def distill_loss(teacher: nn.Module, x_rgb: torch.Tensor, t_rgb: torch.Tensor, t
 
 # -----------------------------------------------------------------------------
 # Sampler: Euler over both streams with per-modality schedules (RECIPE 4)
-# -----------------------------------------------------------------------------
 
 # Per-mode defaults, measured on held-out scenes (results/sampling.md and RECIPE 4.3).
 DEFAULT_STEPS = {"joint": 30, "i2d": 1, "d2i": 30}

@@ -87,7 +87,6 @@ def remove_outliers(xyz: np.ndarray, rgb: np.ndarray, k: int, std: float) -> tup
 
 
 def ply_bytes(xyz: np.ndarray, rgb: np.ndarray) -> bytes:
-    """Binary little-endian PLY with float32 x, y, z and uchar red, green, blue per vertex."""
     rec = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
                                     ("red", "u1"), ("green", "u1"), ("blue", "u1")])
     rec["x"], rec["y"], rec["z"] = xyz.T

@@ -142,8 +142,7 @@ def default_out(prompt: str, mode: str) -> str:
 
 
 def expand(spec: str, exts: tuple[str, ...], flag: str) -> list[str] | None:
-    """A folder -> its files with one of `exts`; a glob -> the files it matches; both sorted.
-    A single path -> None (the reader reports it if it is missing)."""
+    """A folder or a glob -> its input files, sorted; a single path -> None (its reader reports it if missing)."""
     if os.path.isdir(spec):
         paths = [e.path for e in os.scandir(spec)
                  if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(exts)]
@@ -157,7 +156,6 @@ def expand(spec: str, exts: tuple[str, ...], flag: str) -> list[str] | None:
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per non-blank line."""
     try:
         with open(path, encoding="utf-8") as fh:
             prompts = [line.strip() for line in fh if line.strip()]
@@ -216,20 +214,6 @@ def plan_items(args: argparse.Namespace) -> tuple[list[Item], str | None]:
 # Loading, denoising and writing
 
 
-def read_input_depth(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(depth, valid) from a .npy float map or a 16-bit PNG (any unit: only relative depth matters)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".npy":
-        depth, valid = data.read_depth(path, "npy")
-    elif ext == ".png":
-        depth, valid = data.read_depth(path, "nyu")
-    else:
-        raise UserError(f"{path}: depth input must be .npy or a 16-bit .png")
-    if not valid.any():
-        raise UserError(f"{path}: no valid depth pixel (all zero, NaN or inf)")
-    return depth, valid
-
-
 def load_item(item: Item, mode: str, res: int) -> dict:
     """Read an item's inputs and letterbox them to the square model resolution. The outputs come
     back at the input's size (`out_hw`); `box` is where the input sits in the square."""
@@ -242,7 +226,12 @@ def load_item(item: Item, mode: str, res: int) -> dict:
         boxed, x["box"] = data.resize_image(x["img"], res, "letterbox")
         x["rgb_in"] = from_uint8(boxed)
     if item.depth:
-        depth_m, valid = read_input_depth(item.depth)
+        kind = {".npy": "npy", ".png": "nyu"}.get(os.path.splitext(item.depth)[1].lower())  # nyu: 16-bit PNG, mm
+        if kind is None:
+            raise UserError(f"{item.depth}: depth input must be .npy or a 16-bit .png")
+        depth_m, valid = data.read_depth(item.depth, kind)  # any unit: only relative depth matters
+        if not valid.any():
+            raise UserError(f"{item.depth}: no valid depth pixel (all zero, NaN or inf)")
         if mode == "i2d" and depth_m.shape != tuple(x["out_hw"]):
             raise UserError(f"depth {item.depth} is {depth_m.shape[1]}x{depth_m.shape[0]} but image {item.image} "
                             f"is {x['out_hw'][1]}x{x['out_hw'][0]}; they must match pixel for pixel")
@@ -252,7 +241,6 @@ def load_item(item: Item, mode: str, res: int) -> dict:
         x["known"] = torch.from_numpy(np.ascontiguousarray(v_box))
         x["dep_in"] = mofo.normalize_depth(torch.from_numpy(d_box)[None], x["known"][None])[0]
     return x
-
 
 
 def denoise(args, model, tok, res: int, meta: dict, items: list[Item], inputs: list[dict]
@@ -360,7 +348,6 @@ def load_model(args):
 
 
 def timed(fn, device: torch.device):
-    """(fn(), seconds), waiting for the GPU to finish."""
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":

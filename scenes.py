@@ -264,10 +264,8 @@ def _hit(obj: Primitive, o, d) -> np.ndarray:
     """Nearest hit distance t > 0 of rays o + t d with obj -> (P,) float64, inf for a miss.
 
     o, d: (3, P) or (3, 1) arrays. Objects cover a small part of the picture, so a cheap test
-    against the object's bounding sphere picks the rays that get the exact (costlier) test.
-    """
-    P = max(o.shape[1], d.shape[1])
-    t = np.full(P, np.inf)
+    against the object's bounding sphere picks the rays that get the exact (costlier) test."""
+    t = np.full(max(o.shape[1], d.shape[1]), np.inf)
     ox, oy, oz = o[0] - obj.x, o[1] - obj.height / 2, o[2] - obj.z
     b = d[0] * ox + d[1] * oy + d[2] * oz
     c = ox * ox + oy * oy + oz * oz - (obj.radius ** 2 + obj.height ** 2 / 4)
@@ -376,8 +374,7 @@ def _fade(footprint: np.ndarray, feature: float) -> np.ndarray:
     return np.clip(1.5 - footprint / feature, 0.0, 1.0)
 
 
-def _floor_mix(scene: Scene, gx: np.ndarray, gz: np.ndarray, footprint: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _floor_mix(scene: Scene, gx: np.ndarray, gz: np.ndarray, footprint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Floor pattern at ground points: (weight of the second colour in [0, 1], brightness factor)."""
     s = scene.floor_scale
     c, sn = math.cos(scene.floor_angle), math.sin(scene.floor_angle)
@@ -440,9 +437,8 @@ def _trace(scene: Scene, d: np.ndarray, pixel_angle: float) -> tuple[np.ndarray,
         normal[1] = 1.0
         albedo = np.empty_like(p)
         spec = np.zeros_like(th)
-        on_ground = wh == 0
-        if on_ground.any():  # footprint of a pixel on the floor grows with distance and obliquity
-            g = np.flatnonzero(on_ground)
+        g = np.flatnonzero(wh == 0)
+        if g.size:  # footprint of a pixel on the floor grows with distance and obliquity
             cos_in = np.maximum(-view[1, g], 0.02)
             footprint = th[g] * ray_len[g] * pixel_angle / cos_in
             w, shade = _floor_mix(scene, p[0, g], p[2, g], footprint)
@@ -471,30 +467,22 @@ def _trace(scene: Scene, d: np.ndarray, pixel_angle: float) -> tuple[np.ndarray,
         ambient = 0.5 * (horizon + zenith) * 0.55
         colour = albedo * (ambient + sun_rgb * (lambert * lit)) + sun_rgb * (spec * lit)
         # Aerial perspective: far surfaces fade into the horizon colour, hiding the ground's edge.
-        dist = th * ray_len
-        fog = np.clip((dist - 0.3 * scene.ground_radius) / (0.7 * scene.ground_radius), 0.0, 1.0) ** 2
+        fog = np.clip((th * ray_len - 0.3 * scene.ground_radius) / (0.7 * scene.ground_radius), 0.0, 1.0) ** 2
         rgb[:, idx] = colour + (horizon - colour) * fog
-    depth = np.where(valid, t, 0.0)
-    return rgb, depth, valid
-
-
-def _supersampling(res: int) -> int:
-    """Rays per pixel side. Odd, so the centre ray of each pixel exists: depth comes from it (a depth
-    averaged across an edge would be a point floating in mid-air), colour from the average."""
-    return 3 if res <= 64 else 1
+    return rgb, np.where(valid, t, 0.0), valid
 
 
 def render(scene: Scene, res: int) -> dict:
     """Render scene parameters at res x res; see render_scene for the returned dict."""
-    ss = _supersampling(res)
+    # Rays per pixel side. Odd, so each pixel has a centre ray: depth comes from it (a depth averaged
+    # across an edge would be a point floating in mid-air), colour from the average.
+    ss = 3 if res <= 64 else 1
     n = res * ss
     a = math.tan(math.radians(scene.fov_deg) / 2)
     coords = ((np.arange(n) + 0.5) * (2.0 / n) - 1.0) * a        # image plane at unit depth
     xn, yn = np.tile(coords, n), np.repeat(-coords, n)           # row 0 is the top of the image
     right, up, fwd = _camera_basis(scene.pitch)
-    d = np.stack([xn * right[0] + yn * up[0] + fwd[0],
-                  xn * right[1] + yn * up[1] + fwd[1],
-                  xn * right[2] + yn * up[2] + fwd[2]])
+    d = np.stack([xn * r + yn * u + f for r, u, f in zip(right, up, fwd)])
     rgb, depth, valid = _trace(scene, d, pixel_angle=2 * a / n)
     rgb = rgb.reshape(3, res, ss, res, ss)
     acc = np.zeros((3, res, res))
@@ -503,13 +491,10 @@ def render(scene: Scene, res: int) -> dict:
             acc += rgb[:, :, i, :, j]
     srgb = np.sqrt(np.clip(acc / (ss * ss), 0.0, 1.0))            # gamma 2: linear colour = sRGB^2
     centre = ss // 2
-    return {
-        "rgb": np.floor(srgb * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0).copy(),
-        "depth": depth.reshape(res, ss, res, ss)[:, centre, :, centre].astype(np.float32),
-        "valid": valid.reshape(res, ss, res, ss)[:, centre, :, centre].copy(),
-        "caption": scene.caption,
-        "fov_deg": scene.fov_deg,
-    }
+    return {"rgb": np.floor(srgb * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0).copy(),
+            "depth": depth.reshape(res, ss, res, ss)[:, centre, :, centre].astype(np.float32),
+            "valid": valid.reshape(res, ss, res, ss)[:, centre, :, centre].copy(),
+            "caption": scene.caption, "fov_deg": scene.fov_deg}
 
 
 def render_scene(index: int, res: int) -> dict:

@@ -11,13 +11,12 @@ With --fsdp (the default for large and xl under torchrun) weights, gradients, Ad
 EMA are sharded over the ranks (FSDP2); --activation-checkpointing recomputes each block's
 activations in the backward pass. SCALING.md has the memory arithmetic and the multi-node line.
 
---out is a run folder: ckpt_XXXXXXX/ checkpoints (checkpoint.py), a `latest` pointer,
-metrics.jsonl, samples/ grids and loss.png. A run killed at any moment continues with --resume
-and ends with the same weights as if it had never stopped (on the CPU to the last bits, but for
-a rare rounding difference between processes; README): every random number of a step comes from
-a generator seeded by (seed, step, rank), the data order is a function of the step, and
-checkpoints are published by renaming. Ctrl-C or SIGTERM saves the
-current step first and prints the command that resumes.
+--out is a run folder: ckpt_XXXXXXX/ checkpoints (checkpoint.py), a `latest` pointer, metrics.jsonl,
+samples/ grids and loss.png. A run killed at any moment continues with --resume and ends with the
+same weights as if it had never stopped (on the CPU to the last bits, but for a rare rounding
+difference between processes; README): every random number of a step comes from a generator seeded
+by (seed, step, rank), the data order is a function of the step, and checkpoints are published by
+renaming. Ctrl-C or SIGTERM saves the current step first and prints the command that resumes.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -52,7 +52,6 @@ from scenes import scene_captions
 
 # -----------------------------------------------------------------------------
 # Arguments
-# -----------------------------------------------------------------------------
 
 FSDP_PRESETS = ("large", "xl")  # sharding pays off (SCALING.md): xl does not fit an 80 GB GPU under DDP
 EXAMPLE = """example:
@@ -82,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--decay", type=float, default=0.0,
-                   help="fraction of --steps at the end over which the learning rate falls linearly to 0 "
-                        "(0: constant after the warm-up)")
+    p.add_argument("--decay", type=float, default=0.0, help="fraction of --steps at the end over which the "
+                   "learning rate falls linearly to 0 (0: constant after the warm-up)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step of the weights used for sampling")
@@ -120,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments; with --resume, the saved run's arguments overridden only by the
-    options given explicitly (e.g. a new --steps)."""
+    """With --resume, the saved run's arguments overridden only by the options given explicitly (e.g. --steps)."""
     args = build_parser().parse_args(argv)
     if args.resume:
         quiet = build_parser()
@@ -157,7 +154,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -----------------------------------------------------------------------------
 # Distributed setup, data order
-# -----------------------------------------------------------------------------
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -174,12 +170,10 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches for steps start..steps-1 of one rank (`accum` micro-batches per step): the
-    data order is a pure function of the step, so a resumed run sees exactly the samples the
-    uninterrupted one would have.
-
-    Global sample k of the run is index k of an infinite dataset (the procedural scenes), or of a
-    finite one reshuffled every epoch by a generator seeded with (seed, epoch)."""
+    """Index batches for steps start..steps-1 of one rank (`accum` micro-batches per step): the data
+    order is a pure function of the step, so a resumed run sees exactly the samples the uninterrupted
+    one would have. Global sample k of the run is index k of an infinite dataset (the procedural
+    scenes), or of a finite one reshuffled every epoch by a generator seeded with (seed, epoch)."""
 
     def __init__(self, n: int | None, start: int, steps: int, batch: int, rank: int, world: int, seed: int,
                  accum: int = 1):
@@ -204,20 +198,14 @@ class StepBatches(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.accum
 
 
-class Collate:
+def collate_batch(items: list[dict], tok, text_len: int) -> dict:
     """Stack a list of samples and tokenize their captions, in the loader's worker processes."""
-
-    def __init__(self, tok, text_len: int):
-        self.tok, self.text_len = tok, text_len
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "caption"} for it in items])
-        batch["text"] = data.encode_text(self.tok, [it["caption"] for it in items], self.text_len)
-        return batch
+    batch = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "caption"} for it in items])
+    batch["text"] = data.encode_text(tok, [it["caption"] for it in items], text_len)
+    return batch
 
 
-def make_loader(args, res: int, start: int, rank: int, world: int, micro_batch: int, collate: Collate,
-                pin: bool):
+def make_loader(args, res: int, start: int, rank: int, world: int, micro_batch: int, collate, pin: bool):
     """An iterator of micro-batches (dicts of stacked tensors) from step `start` on."""
     common = dict(num_workers=args.num_workers, collate_fn=collate, pin_memory=pin)
     if args.data == "shards":
@@ -248,7 +236,6 @@ def corpus_captions(args, n: int = 4000) -> list[str]:
 
 # -----------------------------------------------------------------------------
 # Pictures: sample grid and loss curve, drawn with Pillow
-# -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -276,7 +263,6 @@ def sample_grid(model, tok, items: list[dict], path: str, steps: int, dtype: str
 
 
 def plot_losses(metrics: list[dict], path: str, size: tuple[int, int] = (640, 360)) -> None:
-    """Loss per modality against step, log-scaled y, as a PNG."""
     keys = [k for k in ("loss", "loss_rgb", "loss_depth", "loss_distill") if any(k in m for m in metrics)]
     colours = {"loss": (0, 0, 0), "loss_rgb": (214, 39, 40), "loss_depth": (31, 119, 180),
                "loss_distill": (44, 160, 44)}
@@ -310,20 +296,17 @@ def plot_losses(metrics: list[dict], path: str, size: tuple[int, int] = (640, 36
 
 # -----------------------------------------------------------------------------
 # Model, optimizer, one step
-# -----------------------------------------------------------------------------
 
 
 def autocast(device: torch.device, dtype: str = "auto"):
-    """bf16 autocast on CUDA by default ("auto"); fp32 on CPU unless dtype="bf16"."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def build_model(args, device):
-    """(model, ema, tokenizer, start_step, resume_dir) for a fresh, --init or --resume run.
-
-    An --fsdp run resumes with empty (meta-device) models: no rank reads the whole weights, each
-    reads its own shards once the models are sharded (main: shard_model, then load_sharded)."""
+    """(model, ema, tokenizer, start_step, resume_dir) for a fresh, --init or --resume run. An --fsdp run
+    resumes with empty (meta-device) models: no rank reads the whole weights, each reads its own shards
+    once the models are sharded (main: shard_model, then load_sharded)."""
     if args.resume:
         ckpt = resolve_checkpoint(args.out)
         if is_sharded(ckpt) != args.fsdp:
@@ -362,8 +345,7 @@ def build_model(args, device):
 
 
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW over all weights, PyTorch's fused implementation (one kernel for every tensor; under
-    FSDP each rank steps its own shards)."""
+    """PyTorch's fused AdamW: one kernel for every tensor (under FSDP each rank steps its own shards)."""
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
                              fused=True)
 
@@ -374,18 +356,16 @@ def blocks(model: mofo.MoFo) -> list[torch.nn.Module]:
 
 
 def compile_blocks(model: mofo.MoFo) -> None:
-    """torch.compile each transformer block in place: short compile times (one graph per block
-    kind), and the Triton kernels stay in as opaque custom ops."""
+    """Per-block torch.compile: short compile times (one graph per block kind), Triton kernels as opaque custom ops."""
     for blk in blocks(model):
         blk.compile()
 
 
 def checkpoint_blocks(model: mofo.MoFo) -> None:
-    """Activation checkpointing: each block's forward runs under torch.utils.checkpoint, which
-    keeps the block's inputs for the backward pass and recomputes the rest there. The forward is
-    wrapped in place, so parameter names (checkpoints, optimizer state) do not change. The wrapper
-    is a Python function (not a functools.partial of checkpoint, which disables torch.compile for
-    all it calls), so a compiled block traces checkpoint as one region to recompute."""
+    """Run each block's forward under torch.utils.checkpoint, wrapped in place so parameter names
+    (checkpoints, optimizer state) do not change. The wrapper is a Python function (not a
+    functools.partial of checkpoint, which disables torch.compile for all it calls), so a compiled
+    block traces checkpoint as one region to recompute."""
     def checkpointed(forward):
         def run(*args):
             return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
@@ -396,14 +376,12 @@ def checkpoint_blocks(model: mofo.MoFo) -> None:
 
 
 def shard_model(model: mofo.MoFo, mesh, bf16: bool) -> None:
-    """FSDP2 in place: every block is one all-gather unit, the fp32 depth head another
-    (mofo.keeps_fp32), the root the remaining weights. With bf16 the forward all-gathers bf16
-    copies of the fp32 shards and gradients are reduced in fp32. Inputs are not cast: the timestep
-    values and RoPE tables stay fp32, as under autocast."""
+    """FSDP2 in place: every block is one all-gather unit, the fp32 depth head another (mofo.keeps_fp32),
+    the root the remaining weights. With bf16 the forward all-gathers bf16 copies of the fp32 shards and
+    gradients are reduced in fp32. Inputs are not cast: timesteps and RoPE tables stay fp32, as under autocast."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
-    # MoFo returns the depth map as a view (x[:, 0]); the warning is about writing into such a
-    # view in place, which flow_loss never does.
+    # MoFo returns the depth map as a view (x[:, 0]), which flow_loss never writes into in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for blk in blocks(model):
         fully_shard(blk, mesh=mesh, mp_policy=policy)
@@ -419,8 +397,7 @@ def gathered_model(model: mofo.MoFo, device: torch.device) -> mofo.MoFo | None:
 
 
 def learning_rate(args, step: int) -> float:
-    """Linear warm-up over --warmup steps, constant, then with --decay a linear fall to 0 over the
-    last decay x --steps steps (a short cool-down at the end of a constant rate)."""
+    """Linear warm-up over --warmup steps, constant, then a linear fall to 0 over the last --decay x --steps."""
     warm = min(1.0, (step + 1) / max(1, args.warmup))
     left = (args.steps - step) / max(1.0, args.decay * args.steps)
     return args.lr * warm * min(1.0, left)
@@ -430,12 +407,10 @@ def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict],
                teacher=None) -> dict[str, torch.Tensor]:
     """The step's learning rate, flow-matching loss over the micro-batches, backward, clipping, AdamW, EMA.
 
-    `net` runs the forward (`model` itself or its DDP wrapper); `model` owns the parameters (under
-    FSDP, `net` is `model` and the parameters, gradients, AdamW state and EMA are DTensor shards:
-    clipping reduces the norm over the ranks, AdamW and the EMA work shard by shard). Gradients are
-    synchronised after the last micro-batch only. Batch tensors are on the device already.
-    Returns the loss stats as 0-d tensors: nothing here waits for the GPU.
-    """
+    `net` runs the forward (`model` itself or its DDP wrapper); `model` owns the parameters (under FSDP,
+    `net` is `model` and the parameters, gradients, AdamW state and EMA are DTensor shards: clipping
+    reduces the norm over the ranks, AdamW and the EMA work shard by shard). Batch tensors are on the
+    device already. Returns the loss stats as 0-d tensors: nothing here waits for the GPU."""
     for group in opt.param_groups:
         group["lr"] = learning_rate(args, step)
     totals: dict[str, torch.Tensor] = {}
@@ -466,7 +441,6 @@ def train_step(args, step: int, net, model, ema, opt, micro_batches: list[dict],
 
 # -----------------------------------------------------------------------------
 # Training loop
-# -----------------------------------------------------------------------------
 
 
 class StopRequest:
@@ -581,24 +555,12 @@ def main(argv: list[str] | None = None) -> int:
               f"batch {args.batch_size} on {world} x {device} | steps {start}->{args.steps}", flush=True)
     previews = preview_items(args, res) if master else []
 
-    collate = Collate(tok, model.cfg.text_len)
+    collate = functools.partial(collate_batch, tok=tok, text_len=model.cfg.text_len)
     loader = iter(make_loader(args, res, start, rank, world, micro_batch, collate, pin=device.type == "cuda"))
     stop = StopRequest()
     t_start = last_log = time.time()
     window: list[dict] = []
     step = start
-
-    def save(step: int) -> None:
-        state = {"step": step, "args": vars(args), "world_size": world,
-                 "rng": {"scheme": "torch.Generator per (seed, step, rank, micro-batch)", "seed": args.seed},
-                 "data": {"kind": args.data, "samples_seen": step * args.batch_size}}
-        if args.fsdp:  # every rank writes its shards; rank 0 the rest
-            path = save_sharded_checkpoint(args.out, step, model, ema, opt, tok, state)
-        elif master:
-            path = save_checkpoint(args.out, step, model, ema, opt, tok, state)
-        if master:
-            print(f"saved {path}", flush=True)
-
     while step < args.steps:
         micro = [to_device(next(loader), device, model.cfg.has_depth) for _ in range(args.grad_accum)]
         window.append(train_step(args, step, net, model, ema, opt, micro, rank=rank, teacher=teacher))
@@ -635,14 +597,21 @@ def main(argv: list[str] | None = None) -> int:
                 plot_losses(metrics, os.path.join(args.out, "loss.png"))
             del preview
         if at_save or stop.signum:
-            save(step)
-        if world > 1 and (at_save or stop.signum):
-            dist.barrier()
-        if stop.signum:
-            name = signal.Signals(stop.signum).name
+            state = {"step": step, "args": vars(args), "world_size": world,
+                     "rng": {"scheme": "torch.Generator per (seed, step, rank, micro-batch)", "seed": args.seed},
+                     "data": {"kind": args.data, "samples_seen": step * args.batch_size}}
+            if args.fsdp:  # every rank writes its shards; rank 0 the rest
+                path = save_sharded_checkpoint(args.out, step, model, ema, opt, tok, state)
+            elif master:
+                path = save_checkpoint(args.out, step, model, ema, opt, tok, state)
             if master:
-                print(f"{name}: stopped at step {step}; continue with: {sys.executable} train.py --out {args.out} "
-                      f"--resume", file=sys.stderr, flush=True)
+                print(f"saved {path}", flush=True)
+            if world > 1:
+                dist.barrier()
+        if stop.signum:
+            if master:
+                print(f"{signal.Signals(stop.signum).name}: stopped at step {step}; continue with: {sys.executable} "
+                      f"train.py --out {args.out} --resume", file=sys.stderr, flush=True)
             return leave(128 + stop.signum, world)
     return leave(0, world)
 

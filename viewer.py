@@ -115,10 +115,14 @@ def png_uri(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render(rgb: np.ndarray, depth_png: np.ndarray | None, xyz: np.ndarray, col: np.ndarray, title: str,
-           eye: np.ndarray | None = None, fov_deg: float = 50.0) -> str:
-    """The page's HTML from the RGB and depth pictures (uint8) and the cloud (N, 3) float32 / uint8,
-    first seen from `eye` (default: in front, +Z, at three times the cloud's radius)."""
+def write(path: str, rgb: np.ndarray, depth_png: np.ndarray | None = None, xyz: np.ndarray | None = None,
+          col: np.ndarray | None = None, title: str = "mofo sample", eye: np.ndarray | None = None,
+          fov_deg: float = 50.0) -> None:
+    """Write the page to `path` (atomically) from the RGB and depth pictures (uint8) and the cloud (N, 3)
+    float32 / uint8, first seen from `eye` (default: in front, +Z, at three times the cloud's radius).
+    Without a cloud it shows the pictures only."""
+    if xyz is None:
+        xyz, col = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
     if len(xyz) > MAX_POINTS:  # seeded, so reruns give the same page
         keep = np.sort(np.random.default_rng(0).choice(len(xyz), MAX_POINTS, replace=False))
         xyz, col = xyz[keep], col[keep]
@@ -130,17 +134,8 @@ def render(rgb: np.ndarray, depth_png: np.ndarray | None, xyz: np.ndarray, col: 
     dist = max(math.sqrt(x * x + y * y + z * z), 1e-6)
     pictures = "".join(f'<img src="{png_uri(p)}" alt="{alt}">'
                        for p, alt in ((rgb, "RGB"), (depth_png, "depth")) if p is not None)
-    return PAGE.substitute(
+    write_text(path, PAGE.substitute(
         title=html.escape(title), pictures=pictures, n=f"{len(xyz):,}", radius=f"{radius:.6g}",
         fov=f"{fov_deg:g}", yaw=f"{math.atan2(-x, z):.6g}", pitch=f"{math.asin(y / dist):.6g}", dist=f"{dist:.6g}",
         xyz=base64.b64encode(np.ascontiguousarray(xyz, "<f4").tobytes()).decode("ascii"),
-        rgb=base64.b64encode(np.ascontiguousarray(col, np.uint8).tobytes()).decode("ascii"))
-
-
-def write(path: str, rgb: np.ndarray, depth_png: np.ndarray | None = None, xyz: np.ndarray | None = None,
-          col: np.ndarray | None = None, title: str = "mofo sample", eye: np.ndarray | None = None,
-          fov_deg: float = 50.0) -> None:
-    """Write the page to `path` (atomically); without a cloud it shows the pictures only."""
-    if xyz is None:
-        xyz, col = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
-    write_text(path, render(rgb, depth_png, xyz, col, title, eye, fov_deg))
+        rgb=base64.b64encode(np.ascontiguousarray(col, np.uint8).tobytes()).decode("ascii")))

@@ -69,26 +69,14 @@ def _use_triton(x: torch.Tensor) -> bool:
 # One function per op: pick the module's Triton function or its reference by ``_use_triton``.
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               scale: Optional[float] = None) -> torch.Tensor:
-    """Non-causal softmax attention.
-
-    Args:
-        q: (B, H, S_q, D); k, v: (B, H, S_k, D); same dtype (bf16, fp16 or fp32). For the Triton
-           path D must be one of SUPPORTED_HEAD_DIMS (ValueError otherwise).
-        scale: softmax scale, default 1/sqrt(D).
-    Returns:
-        (B, H, S_q, D) in the input dtype.
-    """
+    """Non-causal softmax attention: q (B, H, S_q, D), k and v (B, H, S_k, D), one dtype (bf16, fp16 or
+    fp32) -> (B, H, S_q, D). scale defaults to 1/sqrt(D); the Triton path needs D in SUPPORTED_HEAD_DIMS."""
     return (flash_attention.flash_attention if _use_triton(q) else attention_reference)(q, k, v, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dim: ``x * rsqrt(mean(x²) + eps) * weight``, fp32 math.
-
-    Args:
-        x: (..., N), bf16/fp16/fp32. weight: (N,), any of those dtypes.
-    Returns:
-        (..., N) in the dtype of x.
-    """
+    """RMSNorm over the last dim, ``x * rsqrt(mean(x²) + eps) * weight`` in fp32 math: x (..., N) bf16, fp16 or
+    fp32, weight (N,) any of those -> x's dtype."""
     return (rmsnorm.triton_rms_norm if _use_triton(x) else rms_norm_reference)(x, weight, eps)
 
 

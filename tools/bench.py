@@ -51,15 +51,12 @@ import kernels  # noqa: E402
 from common import UserError, cli, write_json  # noqa: E402
 from tools.timing import cuda_graph, do_bench_timer, error_text, fmt, print_table, rel_err, time_calls  # noqa: E402
 import kernels.flash_attention as fa  # noqa: E402
+import mofo  # noqa: E402
 from kernels import qknorm_rope, rmsnorm  # noqa: E402
 
 ATTN_SHAPES = [  # (B, H, S, D): 256 px and 512 px DiT joint sequences, plus a published-curve tie
-    (48, 16, 640, 64),
-    (48, 16, 640, 128),
-    (48, 16, 589, 128),
-    (16, 16, 2176, 64),
-    (16, 16, 2176, 128),
-    (4, 16, 4096, 128),
+    (48, 16, 640, 64), (48, 16, 640, 128), (48, 16, 589, 128),
+    (16, 16, 2176, 64), (16, 16, 2176, 128), (4, 16, 4096, 128),
     (16, 24, 2176, 128),  # the xl preset's 24 heads of 128 at 512 px
     (1, 16, 640, 64, "graph"),  # one sample at 256 px, where the fixed cost per call shows
 ]
@@ -156,12 +153,10 @@ def measure(fn: Callable, inputs: tuple, dout, ref: tuple, tol: float, timer: Ca
                 t.grad = None
             fn(*leaves).backward(dout)
 
-        if graph:
-            rec["ms"]["fwd"] = timer(cuda_graph(fwd))
-            rec["ms"]["fwd+bwd"] = timer(cuda_graph(fwd_bwd))
-        else:
-            rec["ms"]["fwd"] = timer(fwd)
-            rec["ms"]["fwd+bwd"] = timer(fwd_bwd)
+        wrap = cuda_graph if graph else (lambda f: f)
+        rec["ms"]["fwd"] = timer(wrap(fwd))
+        rec["ms"]["fwd+bwd"] = timer(wrap(fwd_bwd))
+        if not graph:
             out = fn(*leaves)
             rec["ms"]["bwd"] = timer(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves)
     except Exception as e:
@@ -180,10 +175,8 @@ def add_rates(row: dict, work: Dict[str, float], unit: str, ceiling: float, shee
         if sheet:
             rec["pct_datasheet"] = {p: 100 * r / sheet for p, r in rec[unit].items()}
     ours = row["impls"]["triton"]["ms"]
-    row["speedup_vs"] = {
-        base: {p: rec["ms"][p] / ours[p] if p in ours and p in rec["ms"] else None for p in PASSES}
-        for base, rec in row["impls"].items() if base != "triton"
-    }
+    row["speedup_vs"] = {base: {p: rec["ms"][p] / ours[p] if p in ours and p in rec["ms"] else None for p in PASSES}
+                         for base, rec in row["impls"].items() if base != "triton"}
 
 
 def report(title: str, results: List[dict], unit: str, tol: float, baselines: Dict[str, str]) -> None:
@@ -336,7 +329,6 @@ def run_rmsnorm(timer: Callable, ceil: Dict[str, float], sheet_tbs: Optional[flo
 def qknorm_case(B: int, H: int, S: int, D: int) -> tuple:
     """bf16 x and dy, a bf16 weight; fp64 output and gradients; bytes per pass. The RoPE tables
     come from real 4-axis angles and are bound into the functions (fixed inputs, no gradient)."""
-    import mofo
     x, dy = (torch.randn(B, H, S, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     w = (1.0 + 0.5 * torch.randn(D, device=DEVICE)).to(torch.bfloat16)
     ids = torch.randint(0, 64, (S, 4), device=DEVICE)
@@ -417,7 +409,6 @@ def profile_split(fn: Callable[[], object], n_calls: int = 3, top: int = 8) -> d
 
 def step_setup(preset: str, batch: int, overrides: dict) -> tuple:
     """(config, model, one random micro-batch on the device, model FLOPs of one step)."""
-    import mofo
     torch.manual_seed(0)
     cfg = mofo.get_config(preset, **overrides)
     model = mofo.MoFo(cfg).to(DEVICE)
@@ -460,7 +451,6 @@ def run_step(n_iters: int, sheet_tflops: Optional[float], compile_too: bool, con
         for backend, compiled in variants:
             rec = {"backend": backend, "compile": compiled, "ms": None, "out_rel_err": None, "error": None,
                    "peak_GB": None, "profile": None}
-            ema = opt = net = step = None
             try:
                 kernels.set_backend(backend)
                 model.load_state_dict(init)  # every variant starts from the same weights and batch
@@ -539,10 +529,8 @@ def print_steps(results: List[dict], n_iters: int) -> None:
 
 # 6. sampler ---------------------------------------------------------------------------------
 def run_sample(iters: int = 3) -> dict:
-    """Seconds of the denoising loop of SAMPLE_CONFIG, per backend, eager and compiled (whole
-    forward, mode "reduce-overhead": CUDA graphs replay the ~1000 launches of a forward). Weights
-    are cast to bf16 once (the depth head stays fp32), as sample.py loads them."""
-    import mofo
+    """Seconds of the denoising loop of SAMPLE_CONFIG per backend, eager and compiled (the whole forward:
+    CUDA graphs replay its ~1000 launches), with bf16 weights as sample.py loads them."""
     preset, steps, cfg_scale = SAMPLE_CONFIG
     torch.manual_seed(0)
     model = mofo.MoFo(mofo.get_config(preset)).to(DEVICE)
@@ -606,8 +594,7 @@ TARGETS = [
 
 def judge(out: dict) -> List[dict]:
     """One verdict per (target, shape): met, missed (also when our output failed its check) or
-    not measured (the baseline refused the shape or a pass was not timed). CUDA-graph rows
-    measure the fixed cost per call and carry no target. Then the step and sampler bars."""
+    not measured (the baseline refused the shape or a pass was not timed)."""
     verdicts = []
 
     def add(section, shape, what, value, bar, ok=True, lower_is_better=False):

@@ -66,6 +66,9 @@ def count(name: str, res: int) -> dict:
     """Parameter counts and saved bytes of one sample, without and with activation checkpointing."""
     with torch.device("meta"):
         model = mofo.MoFo(mofo.get_config(name, res=res))
+        batch = dict(rgb=torch.zeros(1, 3, res, res), t_rgb=torch.zeros(1),
+                     text=torch.zeros(1, model.cfg.text_len, dtype=torch.long),
+                     depth=torch.zeros(1, res, res), t_depth=torch.zeros(1))
     for n, p in model.named_parameters():
         if not mofo.keeps_fp32(n):
             p.data = p.data.to(torch.bfloat16)
@@ -97,10 +100,6 @@ def count(name: str, res: int) -> dict:
     for i, blk in enumerate(blocks(model)):
         blk.register_forward_pre_hook(enter(i))
         blk.register_forward_hook(lambda *_: current.__setitem__(0, "outside"))
-    cfg, dev = model.cfg, "meta"
-    batch = dict(rgb=torch.zeros(1, 3, res, res, device=dev), t_rgb=torch.zeros(1, device=dev),
-                 text=torch.zeros(1, cfg.text_len, dtype=torch.long, device=dev),
-                 depth=torch.zeros(1, res, res, device=dev), t_depth=torch.zeros(1, device=dev))
     with meta_forward(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**batch)
 
@@ -108,10 +107,9 @@ def count(name: str, res: int) -> dict:
         return sum(sizes[k] for k in keys)
     kept = where["outside"] | (inputs - params)
     per_block = [nbytes(s - kept) for b, s in where.items() if b != "outside"]
-    block_params = max(sum(p.numel() for p in blk.parameters()) for blk in blocks(model))
-    in_blocks = sum(p.numel() for blk in blocks(model) for p in blk.parameters())
-    return {"params": model.num_params(), "block_params": block_params,
-            "root_params": model.num_params() - in_blocks,
+    block_params = [sum(p.numel() for p in blk.parameters()) for blk in blocks(model)]
+    return {"params": model.num_params(), "block_params": max(block_params),
+            "root_params": model.num_params() - sum(block_params),
             "act": nbytes(set().union(*where.values())), "act_ac": nbytes(kept) + max(per_block)}
 
 
