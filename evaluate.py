@@ -342,7 +342,7 @@ def fmt_time(seconds: float) -> str:
 TASKS = ("i2d", "joint", "d2i", "complete")
 SCENE_TASKS = ("joint", "d2i", "complete")  # need a scene's caption, objects and exact depth
 # Sampling defaults are the recipe's (mofo.DEFAULT_STEPS, mofo.DEFAULT_CFG per mode; completion is
-# i2d with known depth), measured on held-out scenes 64..191 of the demo checkpoint (results/sampling.md).
+# i2d with known depth), measured on held-out scenes 64..191 (results/sampling.md).
 EXAMPLE = """example:
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 64 --out runs/demo/eval
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --offset 64 --tasks i2d,complete
