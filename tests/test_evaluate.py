@@ -234,7 +234,7 @@ def test_adherence_scorer_on_ground_truth_renders():
 # CLI end to end on a tiny checkpoint
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A 2-step tiny MoFo checkpoint on the scenes, trained once for the CLI tests below."""
     return train_tiny(str(tmp_path_factory.mktemp("ckpt") / "tiny"), "--stage", "mofo",
