@@ -472,6 +472,27 @@ def test_dispatch_runs_the_reference_on_cpu(spy, mode):
     assert spy == []
 
 
+def test_reference_attends_low_precision_in_fp32_when_training_on_cpu():
+    # With gradients flowing, CPU bf16 inputs are attended in fp32 even under autocast (which would
+    # cast them back to bf16); the result and the gradients come back in bf16.
+    q, k, v, do = rand_qkv(2, 3, 37, 37, 32, torch.bfloat16, "cpu")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", torch.bfloat16):
+        o = fa.attention_reference(q, k, v)
+    o.backward(do)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    o32 = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32)
+    o32.backward(do.float())
+    for out, ref in ((o, o32), (q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    o_r, _, dq_r, dk_r, dv_r = attn_ref64(q, k, v, do)
+    for out, ref in ((o, o_r), (q.grad, dq_r), (k.grad, dk_r), (v.grad, dv_r)):
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+    with torch.no_grad():  # inference keeps the native bf16 kernel
+        assert torch.equal(fa.attention_reference(q, k, v),
+                           torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
 @pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")
 def test_dispatch_forced_triton_under_interpreter(spy):
     kernels.set_backend("triton", torch.device("cpu"))
