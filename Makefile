@@ -4,11 +4,10 @@ STAMP   := .venv/.installed
 DEMO    := runs/demo
 # The CPU demo: tiny preset at 32x32, text-to-image pre-training then depth post-training, on a
 # pool of pre-rendered scenes (rendering every batch afresh costs about a third of the CPU; the
-# pool gives ~1.6x the steps in the same time, results/demo.md). The MoFo stage runs at batch 8 on
-# two processes of one thread each (torchrun, 4 images per process): at this size a step costs
-# nearly in proportion to its batch, and within the same minutes four times the steps at a quarter
-# of the batch learn depth faster (results/demo.md, "Batch 8"). It cools the learning rate down
-# over its last half.
+# pool gives ~1.6x the steps in the same time, results/demo.md). The MoFo stage runs at batch 8:
+# at this size a step costs nearly in proportion to its batch, and within the same minutes four
+# times the steps at a quarter of the batch learn depth faster (results/demo.md, "Batch 8"). It
+# cools the learning rate down over its last half.
 # Dense depth by default: in ~10 CPU-minutes sparse LiDAR-like depth teaches the tiny model much
 # less (README, Results). Override on the command line, e.g. `make demo DEMO_SPARSE=lidar`.
 DEMO_CONFIG ?= tiny
@@ -16,15 +15,15 @@ DEMO_SCENES ?= 8000
 DEMO_RES ?= 32
 DEMO_T2I_STEPS ?= 800
 DEMO_T2I_BATCH ?= 32
-DEMO_STEPS ?= 7000
+DEMO_STEPS ?= 6000
 DEMO_BATCH ?= 8
-DEMO_PROCS ?= 2
 DEMO_SPARSE ?= none
 # Sampling settings measured on held-out scenes (results/sampling.md): i2d in one step (the
-# posterior-mean estimate), joint at guidance 3 (more makes the guided depth explode), d2i at 7.
+# posterior-mean estimate), joint at guidance 2 (more makes the guided depth of the demo's model
+# explode), d2i at 7.
 DEMO_I2D_STEPS ?= 1
 DEMO_GEN_STEPS ?= 30
-DEMO_JOINT_CFG ?= 3
+DEMO_JOINT_CFG ?= 2
 DEMO_D2I_CFG ?= 7
 
 .PHONY: install demo test test-slow train sample bench gpu-check gpu-train clean
@@ -63,10 +62,9 @@ demo: $(STAMP)
 	$(PY) train.py --config $(DEMO_CONFIG) --stage t2i --data shards --data-path "$(DEMO)/scenes/*.tar" \
 	  --num-workers 0 --steps $(DEMO_T2I_STEPS) --batch-size $(DEMO_T2I_BATCH) --lr 1e-3 --dtype bf16 \
 	  --save-every $(DEMO_T2I_STEPS) --log-every 100 --out $(DEMO)/t2i
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node $(DEMO_PROCS) train.py --config $(DEMO_CONFIG) \
-	  --stage mofo --data shards --data-path "$(DEMO)/scenes/*.tar" --num-workers 0 --sparse $(DEMO_SPARSE) \
-	  --steps $(DEMO_STEPS) --decay 0.5 --batch-size $(DEMO_BATCH) --lr 1e-3 --dtype bf16 --save-every $(DEMO_STEPS) \
-	  --log-every 500 --init $(DEMO)/t2i --out $(DEMO)/mofo
+	$(PY) train.py --config $(DEMO_CONFIG) --stage mofo --data shards --data-path "$(DEMO)/scenes/*.tar" \
+	  --num-workers 0 --sparse $(DEMO_SPARSE) --steps $(DEMO_STEPS) --decay 0.5 --batch-size $(DEMO_BATCH) \
+	  --lr 1e-3 --dtype bf16 --save-every $(DEMO_STEPS) --log-every 500 --init $(DEMO)/t2i --out $(DEMO)/mofo
 	$(PY) sample.py --ckpt $(DEMO)/mofo --mode joint --steps $(DEMO_GEN_STEPS) --cfg $(DEMO_JOINT_CFG) \
 	  --out $(DEMO)/joint --prompt "a red sphere left of a blue box on a checkered floor"
 	$(PY) data.py --scene 0 --split test --res 32 --out $(DEMO)/heldout
