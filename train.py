@@ -244,7 +244,7 @@ def sample_grid(model, tok, items: list[dict], path: str, steps: int, dtype: str
     ids = data.encode_text(tok, [it["caption"] for it in items], model.cfg.text_len)
     res = items[0]["rgb"].shape[-1]
     with autocast(model.img_in.weight.device, dtype):
-        rgb, dep = mofo.sample(model, ids, mode="joint", steps=steps, cfg_scale=3.0,
+        rgb, dep = mofo.sample(model, ids, mode="joint", steps=steps, cfg_scale=mofo.DEFAULT_CFG["joint"],
                                log2_alpha=5 if model.cfg.has_depth else None, res=res)
         if model.cfg.has_depth:
             gt = torch.stack([it["rgb"] for it in items])
