@@ -278,8 +278,7 @@ def test_gpu_train_script_dry_run(tmp_path):
     get a verdict from paired per-image numbers, and only the six result files stay."""
     out = tmp_path / "gt"
     env = {**ENV, "PY": sys.executable, "CONFIG": "tiny", "T2I_STEPS": "2", "MOFO_STEPS": "2", "BATCH": "4",
-           "N_EVAL": "4", "GEN_STEPS": "2", "DEVICE": "cpu", "POOL": "64",
-           "GPU_TRAIN_OUT": str(out)}
+           "N_EVAL": "4", "GEN_STEPS": "2", "DEVICE": "cpu", "POOL": "64", "GPU_TRAIN_OUT": str(out)}
     proc = subprocess.run(["bash", "tools/gpu_train.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -29,8 +29,8 @@ mkdir -p "$RUNS"; : > "$TABLE"; : > "$LOG"; : > "$OUT/.tails"
 
 source "$(dirname "$0")/steps.sh"  # step NAME MAX_SECONDS CMD...
 
-TRAIN="$PY train.py --config $CONFIG --data shards --data-path $RUNS/scenes --batch-size $BATCH --lr $LR --decay 0.3 --device $DEVICE \
-  $COMPILE --log-every 100 --sample-steps 10"
+TRAIN="$PY train.py --config $CONFIG --data shards --data-path $RUNS/scenes --batch-size $BATCH --lr $LR \
+  --decay 0.3 --device $DEVICE $COMPILE --log-every 100 --sample-steps 10"
 EVAL="$PY evaluate.py --data scenes --n $N_EVAL --offset 64 --gen-steps $GEN_STEPS --device $DEVICE"
 mofo() {  # mofo NAME [train.py flags...]: MoFo post-training, saved only at its end
   local name=$1; shift
