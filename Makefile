@@ -4,17 +4,17 @@ STAMP   := .venv/.installed
 DEMO    := runs/demo
 # The CPU demo: tiny preset at 32x32, text-to-image pre-training then depth post-training, on a
 # pool of pre-rendered scenes (rendering every batch afresh costs about a third of the CPU; the
-# pool gives ~1.6x the steps in the same time, results/demo.md). The MoFo stage runs at batch 8:
-# at this size a step costs nearly in proportion to its batch, and within the same minutes four
-# times the steps at a quarter of the batch learn depth faster (results/demo.md, "Batch 8"). It
-# cools the learning rate down over its last half.
+# pool gives ~1.6x the steps in the same time, results/demo.md). Both stages run at batch 8: at
+# this size a quarter of the batch buys three to four times the steps in the same minutes, and the
+# model learns depth faster that way (results/demo.md, "Batch 8" for the MoFo stage, "Seeds, batch
+# 4 and width" for the t2i stage). The MoFo stage cools the learning rate down over its last half.
 # Dense depth by default: in ~10 CPU-minutes sparse LiDAR-like depth teaches the tiny model much
 # less (README, Results). Override on the command line, e.g. `make demo DEMO_SPARSE=lidar`.
 DEMO_CONFIG ?= tiny
 DEMO_SCENES ?= 8000
 DEMO_RES ?= 32
-DEMO_T2I_STEPS ?= 800
-DEMO_T2I_BATCH ?= 32
+DEMO_T2I_STEPS ?= 2400
+DEMO_T2I_BATCH ?= 8
 DEMO_STEPS ?= 6000
 DEMO_BATCH ?= 8
 DEMO_SPARSE ?= none
@@ -61,7 +61,7 @@ demo: $(STAMP)
 	$(PY) tools/render_shards.py --n $(DEMO_SCENES) --res $(DEMO_RES) --out $(DEMO)/scenes
 	$(PY) train.py --config $(DEMO_CONFIG) --stage t2i --data shards --data-path "$(DEMO)/scenes/*.tar" \
 	  --num-workers 0 --steps $(DEMO_T2I_STEPS) --batch-size $(DEMO_T2I_BATCH) --lr 1e-3 --dtype bf16 \
-	  --save-every $(DEMO_T2I_STEPS) --log-every 100 --out $(DEMO)/t2i
+	  --save-every $(DEMO_T2I_STEPS) --log-every 400 --out $(DEMO)/t2i
 	$(PY) train.py --config $(DEMO_CONFIG) --stage mofo --data shards --data-path "$(DEMO)/scenes/*.tar" \
 	  --num-workers 0 --sparse $(DEMO_SPARSE) --steps $(DEMO_STEPS) --decay 0.5 --batch-size $(DEMO_BATCH) \
 	  --lr 1e-3 --dtype bf16 --save-every $(DEMO_STEPS) --log-every 500 --init $(DEMO)/t2i --out $(DEMO)/mofo
