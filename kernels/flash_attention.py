@@ -604,7 +604,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     On the CPU, with gradients flowing, bf16 / fp16 inputs are attended in fp32 (outside autocast,
     which would cast them back): PyTorch's CPU flash-attention backward is several times slower in
     bf16 than in fp32, and the cast costs less than the difference (results/demo.md, "Speed")."""
-    if q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() \
+            and q.requires_grad:
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
         return out.to(q.dtype)

@@ -491,6 +491,10 @@ def test_reference_attends_low_precision_in_fp32_when_training_on_cpu():
     with torch.no_grad():  # inference keeps the native bf16 kernel
         assert torch.equal(fa.attention_reference(q, k, v),
                            torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    # fp64 is never attended at lower precision
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    assert torch.equal(fa.attention_reference(q64, k64, v64),
+                       torch.nn.functional.scaled_dot_product_attention(q64, k64, v64))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")
