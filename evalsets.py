@@ -121,11 +121,15 @@ class EvalDataset(torch.utils.data.Dataset):
 
 
 class SceneEvalDataset(torch.utils.data.Dataset):
-    """Held-out procedural scenes, plus "caption" and "scene" (the scene index) per item; valid = every
-    non-sky pixel. Item i is held-out scene `offset + i`, i.e. scene TEST_OFFSET + offset + i."""
+    """Procedural scenes, plus "caption" and "scene" (the scene index) per item; valid = every non-sky
+    pixel. Item i is scene `offset + i` of the split: TEST_OFFSET + offset + i for the held-out
+    ("test") scenes, offset + i for the training ones."""
 
-    def __init__(self, res: int, n: int = 100, offset: int = 0):
-        self.res, self.n, self.offset = res, n, offset
+    def __init__(self, res: int, n: int = 100, offset: int = 0, split: str = "test"):
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+        self.res, self.n = res, n
+        self.first = (TEST_OFFSET if split == "test" else 0) + offset
 
     def __len__(self) -> int:
         return self.n
@@ -133,7 +137,7 @@ class SceneEvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        index = TEST_OFFSET + self.offset + i
+        index = self.first + i
         s = render_scene(index, self.res)
         cfg = DATASETS["scenes"]
         return {"rgb": s["rgb"], "depth": s["depth"], "valid": s["valid"], "name": f"scene_{index}",
@@ -160,12 +164,12 @@ class ManifestEval(torch.utils.data.Dataset):
                 "name": str(item["index"]), "min_depth": 1e-5, "max_depth": math.inf}
 
 
-def get_eval_dataset(name: str, root: str | None, n: int | None, res: int, offset: int = 0
+def get_eval_dataset(name: str, root: str | None, n: int | None, res: int, offset: int = 0, split: str = "test"
                      ) -> torch.utils.data.Dataset:
-    """The first n items (all if None; scenes: 100) of set `name`: held-out scenes from `offset` at res, a
+    """The first n items (all if None; scenes: 100) of set `name`: scenes of `split` from `offset` at res, a
     manifest (root: the .jsonl file) cropped to res, or a real set read from root at its native resolution."""
     if name == "scenes":
-        return SceneEvalDataset(res, 100 if n is None else n, offset)
+        return SceneEvalDataset(res, 100 if n is None else n, offset, split)
     if name == "manifest":
         if root is None:
             raise UserError("--data manifest needs --root/--data-path path/to/manifest.jsonl (the same flag)")

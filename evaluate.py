@@ -346,6 +346,7 @@ SCENE_TASKS = ("joint", "d2i", "complete")  # need a scene's caption, objects an
 EXAMPLE = """example:
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 64 --out runs/demo/eval
   .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --offset 64 --tasks i2d,complete
+  .venv/bin/python evaluate.py --ckpt runs/demo/mofo --data scenes --n 128 --split train --tasks i2d
   .venv/bin/python evaluate.py --ckpt runs/big --data nyu --data-path data/nyuv2 --ensemble 10"""
 
 
@@ -362,7 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="dataset folder, or the .jsonl file for --data manifest (--root: same flag)")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--offset", type=int, default=0,
-                   help="scenes: start at held-out scene OFFSET (e.g. 64 to stay clear of the demo's 0..63)")
+                   help="scenes: start at scene OFFSET of --split (e.g. 64 to stay clear of the demo's 0..63)")
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="scenes: the held-out scenes, or the training ones (to measure the train / test gap)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset of {','.join(TASKS)} (default: all for scenes, i2d otherwise; "
                         "joint, d2i and complete need the scenes' ground truth)")
@@ -392,7 +395,9 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.offset < 0 or (args.offset and args.data != "scenes"):
-        raise UserError(f"--offset is a held-out scene number (>= 0, --data scenes only), got {args.offset}")
+        raise UserError(f"--offset is a scene number (>= 0, --data scenes only), got {args.offset}")
+    if args.split != "test" and args.data != "scenes":
+        raise UserError(f"--split {args.split} is for --data scenes only; {args.data} is a test set")
     if isinstance(args.tasks, str):
         args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     elif args.tasks is None:
@@ -416,7 +421,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True)
     if not model.cfg.has_depth:
         raise UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")
-    ds = get_eval_dataset(args.data, args.data_path, args.n, model.cfg.res, args.offset)
+    ds = get_eval_dataset(args.data, args.data_path, args.n, model.cfg.res, args.offset, args.split)
     with staged_dir(out) as stage:
         run(args, model, tok, ds, device, stage)
     print(f"wrote {out}/")

@@ -10,6 +10,7 @@ import adherence
 import evaluate as ev
 import scenes
 from common import UserError
+from evalsets import get_eval_dataset
 from helpers import assert_user_error, run_cli, train_tiny
 
 
@@ -294,6 +295,15 @@ def test_cli_tasks_offset_and_data_path_alias(tiny_ckpt, tmp_path):
         assert ev.parse_args(["--ckpt", "c", "--data", "nyu", flag, "/d"]).data_path == "/d"
 
 
+def test_cli_train_split_scores_training_scenes(tiny_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--split", "train", "--n", "1", "--offset", "5",
+             "--tasks", "i2d", "--steps", "1", "--out", str(out), "--device", "cpu"])
+    assert "scene_5," in (out / "per_image.csv").read_text()
+    item = get_eval_dataset("scenes", None, 1, 16, offset=5, split="train")[0]
+    np.testing.assert_array_equal(item["depth"], scenes.render_scene(5, 16)["depth"])
+
+
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
     out = tmp_path / "eval"
     ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1", "--tasks", "i2d",
@@ -316,7 +326,7 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
                                    ["--data", "manifest", "--data-path", "/nonexistent/m.jsonl"],
                                    ["--tasks", "i2d,depth"], ["--data", "nyu", "--tasks", "joint"],
-                                   ["--offset", "-1"]])
+                                   ["--offset", "-1"], ["--data", "nyu", "--root", "/d", "--split", "train"]])
 def test_user_mistakes_raise_user_error(tiny_ckpt, tmp_path, extra):
     out = tmp_path / "never"
     with pytest.raises(UserError):
