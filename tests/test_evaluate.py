@@ -302,6 +302,8 @@ def test_cli_train_split_scores_training_scenes(tiny_ckpt, tmp_path):
     assert "scene_5," in (out / "per_image.csv").read_text()
     item = get_eval_dataset("scenes", None, 1, 16, offset=5, split="train")[0]
     np.testing.assert_array_equal(item["depth"], scenes.render_scene(5, 16)["depth"])
+    with pytest.raises(UserError, match="--split train is for --data scenes"):
+        ev.check_args(ev.parse_args(["--ckpt", tiny_ckpt, "--data", "nyu", "--root", "/d", "--split", "train"]))
 
 
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
@@ -326,7 +328,7 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
                                    ["--data", "manifest", "--data-path", "/nonexistent/m.jsonl"],
                                    ["--tasks", "i2d,depth"], ["--data", "nyu", "--tasks", "joint"],
-                                   ["--offset", "-1"], ["--data", "nyu", "--root", "/d", "--split", "train"]])
+                                   ["--offset", "-1"]])
 def test_user_mistakes_raise_user_error(tiny_ckpt, tmp_path, extra):
     out = tmp_path / "never"
     with pytest.raises(UserError):
