@@ -431,7 +431,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch
     """Every task in turn; writes per_image.csv, summary.json, worst.png (i2d), samples.png (scene
     tasks) and uncertainty maps (ensembles)."""
     t0 = time.time()
-    print(f"evaluating {args.ckpt} on {args.data}: {len(ds)} images at {model.cfg.res}px, tasks "
+    split = " (training scenes)" if args.split == "train" else ""
+    print(f"evaluating {args.ckpt} on {args.data}{split}: {len(ds)} images at {model.cfg.res}px, tasks "
           f"{','.join(args.tasks)}; i2d {args.steps} steps x {args.ensemble} samples, alignment "
           f"{args.alignment}, {device}")
     summary = {"data": args.data, "n": len(ds), "tasks": args.tasks, "checkpoint": os.path.abspath(args.ckpt),

@@ -295,10 +295,11 @@ def test_cli_tasks_offset_and_data_path_alias(tiny_ckpt, tmp_path):
         assert ev.parse_args(["--ckpt", "c", "--data", "nyu", flag, "/d"]).data_path == "/d"
 
 
-def test_cli_train_split_scores_training_scenes(tiny_ckpt, tmp_path):
+def test_cli_train_split_scores_training_scenes(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
     ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--split", "train", "--n", "1", "--offset", "5",
              "--tasks", "i2d", "--steps", "1", "--out", str(out), "--device", "cpu"])
+    assert "on scenes (training scenes): 1 images" in capsys.readouterr().out
     assert "scene_5," in (out / "per_image.csv").read_text()
     item = get_eval_dataset("scenes", None, 1, 16, offset=5, split="train")[0]
     np.testing.assert_array_equal(item["depth"], scenes.render_scene(5, 16)["depth"])
