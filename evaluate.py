@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 import adherence
 import checkpoint
 import data
+import kernels
 import mofo
 import scenes
 from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
@@ -384,6 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the first ensemble member")
     p.add_argument("--out", default=None, help="new or empty output folder (default eval_out/<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="attention implementation")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
     return p.parse_args(argv)
 
@@ -418,6 +420,10 @@ def evaluate(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("eval_out", args.data)
     check_out_dir(out)
     device = pick_device(args.device)
+    try:
+        kernels.set_backend(args.kernels, device)
+    except ValueError as e:
+        raise UserError(f"--kernels {args.kernels}: {e}") from None
     model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True)
     if not model.cfg.has_depth:
         raise UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")

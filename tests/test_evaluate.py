@@ -326,6 +326,14 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the out dir nor a staging dir
 
 
+def test_cli_triton_without_a_gpu_is_one_line_exit_2(tiny_ckpt, tmp_path):
+    out = tmp_path / "never"  # run_cli's environment has no TRITON_INTERPRET
+    proc = run_cli("evaluate.py", "--ckpt", tiny_ckpt, "--data", "scenes", "--n", "1", "--kernels", "triton",
+                   "--device", "cpu", "--out", str(out), check=False)
+    assert_user_error(proc, "--kernels triton", "TRITON_INTERPRET=1")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("extra", [["--n", "0"], ["--data", "nyu", "--root", "/nonexistent/nyu"],
                                    ["--data", "manifest", "--data-path", "/nonexistent/m.jsonl"],
                                    ["--tasks", "i2d,depth"], ["--data", "nyu", "--tasks", "joint"],

@@ -17,10 +17,11 @@ set -u
 PY=${PY:-python3}
 DEADLINE=${GPU_TRAIN_S:-540}
 OUT=${GPU_TRAIN_OUT:-gpu-train}
-CONFIG=${CONFIG:-small} T2I_STEPS=${T2I_STEPS:-1500} MOFO_STEPS=${MOFO_STEPS:-1500} BATCH=${BATCH:-64}
+CONFIG=${CONFIG:-small} T2I_STEPS=${T2I_STEPS:-1500} MOFO_STEPS=${MOFO_STEPS:-1200} BATCH=${BATCH:-64}
 LR=${LR:-1e-3} N_EVAL=${N_EVAL:-256} GEN_STEPS=${GEN_STEPS:-30} DEVICE=${DEVICE:-auto}
-POOL=${POOL:-20000}  # training scenes pre-rendered once: rendering per batch would starve the GPU
+POOL=${POOL:-12000}  # training scenes pre-rendered once: rendering per batch would starve the GPU
 COMPILE=${COMPILE:---no-compile}  # four short runs: each would pay torch.compile's warm-up
+KERNELS=${KERNELS:-torch}  # nor Triton's autotuning of each new shape (BENCHMARKS.md: it costs more here)
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,15 +31,15 @@ mkdir -p "$RUNS"; : > "$TABLE"; : > "$LOG"; : > "$OUT/.tails"
 source "$(dirname "$0")/steps.sh"  # step NAME MAX_SECONDS CMD...
 
 TRAIN="$PY train.py --config $CONFIG --data shards --data-path $RUNS/scenes --batch-size $BATCH --lr $LR \
-  --decay 0.3 --device $DEVICE $COMPILE --log-every 100 --sample-steps 10"
-EVAL="$PY evaluate.py --data scenes --n $N_EVAL --offset 64 --gen-steps $GEN_STEPS --device $DEVICE"
+  --decay 0.3 --device $DEVICE --kernels $KERNELS $COMPILE --log-every 100 --sample-steps 10"
+EVAL="$PY evaluate.py --data scenes --n $N_EVAL --offset 64 --gen-steps $GEN_STEPS --device $DEVICE --kernels $KERNELS"
 mofo() {  # mofo NAME [train.py flags...]: MoFo post-training, saved only at its end
   local name=$1; shift
   TAIL=6 step "$name" 105 $TRAIN --stage mofo --steps "$MOFO_STEPS" --save-every "$MOFO_STEPS" --out "$RUNS/$name" "$@"
 }
 evaluate() {  # evaluate NAME CKPT [evaluate.py flags...]
   local name=$1 ckpt=$2; shift 2
-  [[ -e $RUNS/$ckpt/latest ]] && TAIL=6 step "eval-$name" 35 $EVAL --ckpt "$RUNS/$ckpt" --out "$OUT/$name" "$@"
+  [[ -e $RUNS/$ckpt/latest ]] && TAIL=6 step "eval-$name" 50 $EVAL --ckpt "$RUNS/$ckpt" --out "$OUT/$name" "$@"
 }
 
 RES=$($PY -c "import mofo; print(mofo.PRESETS['$CONFIG'].res)")
@@ -114,7 +115,7 @@ EOF
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git rev-parse --short HEAD 2>/dev/null; date -u +%FT%TZ
-  echo "CONFIG=$CONFIG T2I_STEPS=$T2I_STEPS MOFO_STEPS=$MOFO_STEPS BATCH=$BATCH LR=$LR N_EVAL=$N_EVAL GEN_STEPS=$GEN_STEPS $COMPILE"
+  echo "CONFIG=$CONFIG T2I_STEPS=$T2I_STEPS MOFO_STEPS=$MOFO_STEPS BATCH=$BATCH LR=$LR N_EVAL=$N_EVAL GEN_STEPS=$GEN_STEPS $COMPILE --kernels $KERNELS"
   echo; echo "step             verdict        time   (a training TIMED OUT saved the step it reached)"; cat "$TABLE"; echo; cat "$OUT/claims.md"; echo; cat "$OUT/.tails"
 } > "$OUT/summary.txt"
 # Few files come back from a lent machine: the pictures, then the evaluation folders go.
