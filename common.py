@@ -211,3 +211,18 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda are supported")
     return device
+
+
+def use_kernels(choice: str, device: torch.device) -> None:
+    """--kernels for a command: kernels.set_backend, with a refusal as a UserError."""
+    import kernels  # here, so that the commands without a model do not import Triton
+
+    try:
+        kernels.set_backend(choice, device)
+    except ValueError as e:
+        raise UserError(f"--kernels {choice}: {e}") from None
+
+
+def wants_bf16(choice: str, device: torch.device) -> bool:
+    """--dtype: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    return choice == "bf16" or (choice == "auto" and device.type == "cuda")

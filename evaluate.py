@@ -46,11 +46,10 @@ from PIL import Image, ImageDraw
 import adherence
 import checkpoint
 import data
-import kernels
 import mofo
 import scenes
 from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
-                    save_png, staged_dir, to_uint8, write_json)
+                    save_png, staged_dir, to_uint8, use_kernels, wants_bf16, write_json)
 from evalsets import get_eval_dataset
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
@@ -386,6 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="new or empty output folder (default eval_out/<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="attention implementation")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="weights' dtype: auto = bf16 on CUDA (depth head fp32), as sample.py, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
     return p.parse_args(argv)
 
@@ -420,11 +421,10 @@ def evaluate(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("eval_out", args.data)
     check_out_dir(out)
     device = pick_device(args.device)
-    try:
-        kernels.set_backend(args.kernels, device)
-    except ValueError as e:
-        raise UserError(f"--kernels {args.kernels}: {e}") from None
-    model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True)
+    use_kernels(args.kernels, device)
+    bf16 = wants_bf16(args.dtype, device)
+    model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True,
+                                            dtype=torch.bfloat16 if bf16 else torch.float32)
     if not model.cfg.has_depth:
         raise UserError(f"checkpoint {args.ckpt} has no depth stream (train --stage mofo)")
     ds = get_eval_dataset(args.data, args.data_path, args.n, model.cfg.res, args.offset, args.split)
@@ -438,12 +438,13 @@ def run(args: argparse.Namespace, model: torch.nn.Module, tok, ds, device: torch
     tasks) and uncertainty maps (ensembles)."""
     t0 = time.time()
     split = " (training scenes)" if args.split == "train" else ""
+    dtype = "bf16" if model.img_in.weight.dtype == torch.bfloat16 else "fp32"
     print(f"evaluating {args.ckpt} on {args.data}{split}: {len(ds)} images at {model.cfg.res}px, tasks "
           f"{','.join(args.tasks)}; i2d {args.steps} steps x {args.ensemble} samples, alignment "
-          f"{args.alignment}, {device}")
+          f"{args.alignment}, {device} {dtype}")
     summary = {"data": args.data, "n": len(ds), "tasks": args.tasks, "checkpoint": os.path.abspath(args.ckpt),
                "alignment": args.alignment, "ensemble": args.ensemble, "steps": args.steps, "seed": args.seed,
-               "res": model.cfg.res, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+               "res": model.cfg.res, "dtype": dtype, "date": datetime.datetime.now().isoformat(timespec="seconds")}
     rows: dict[int, dict] = {}
     keep = "complete" in args.tasks  # completion compares with the i2d predictions, scaled
     i2d_preds = run_i2d(args, model, tok, ds, device, stage, rows, summary, keep) if "i2d" in args.tasks else None

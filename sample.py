@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 import data
-import kernels
 import mofo
 import pointcloud
 import viewer
 from checkpoint import load_checkpoint, resolve_checkpoint
 from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
-                    write_json)
+                    use_kernels, wants_bf16, write_json)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPTH_EXTS = (".npy", ".png")
@@ -326,12 +325,9 @@ def write_item(args, item: Item, x: dict, rgb: torch.Tensor, z: torch.Tensor | N
 def load_model(args):
     """Device, kernels and checkpoint -> (model, tokenizer, resolution, metadata shared by every item)."""
     device = pick_device(args.device)
-    try:
-        kernels.set_backend(args.kernels, device)
-    except ValueError as e:
-        raise UserError(f"--kernels {args.kernels}: {e}") from None
+    use_kernels(args.kernels, device)
     ckpt = resolve_checkpoint(args.ckpt)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    bf16 = wants_bf16(args.dtype, device)
     model, tok = load_checkpoint(ckpt, device, dtype=torch.bfloat16 if bf16 else torch.float32)
     res = args.res or model.cfg.res
     if res % model.cfg.patch:

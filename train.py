@@ -42,12 +42,11 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import data
-import kernels
 import mofo
 from checkpoint import (LATEST, empty_model, export_checkpoint, full_state_dict, is_sharded, load_checkpoint,
                         load_optimizer, load_sharded, model_from_state, resolve_checkpoint, save_checkpoint,
                         save_sharded_checkpoint)
-from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8, write_text
+from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8, use_kernels, wants_bf16, write_text
 from scenes import scene_captions
 
 # -----------------------------------------------------------------------------
@@ -299,8 +298,7 @@ def plot_losses(metrics: list[dict], path: str, size: tuple[int, int] = (640, 36
 
 
 def autocast(device: torch.device, dtype: str = "auto"):
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wants_bf16(dtype, device))
 
 
 def build_model(args, device):
@@ -495,10 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {export_checkpoint(args.out, args.export)}")
         return 0
     rank, world, device = setup_distributed(args.device)
-    try:
-        kernels.set_backend(args.kernels, device)
-    except ValueError as e:
-        raise UserError(f"--kernels {args.kernels}: {e}") from None
+    use_kernels(args.kernels, device)
     master = rank == 0
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes x "

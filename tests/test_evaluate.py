@@ -307,6 +307,20 @@ def test_cli_train_split_scores_training_scenes(tiny_ckpt, tmp_path, capsys):
         ev.check_args(ev.parse_args(["--ckpt", tiny_ckpt, "--data", "nyu", "--root", "/d", "--split", "train"]))
 
 
+def test_cli_bf16_weights_score_as_fp32(tiny_ckpt, tmp_path):
+    """--dtype bf16 (the default on CUDA, as in sample.py) evaluates the same model within bf16's
+    rounding, and summary.json says which dtype ran."""
+    summaries = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "4", "--steps", "1", "--tasks", "i2d",
+                 "--dtype", dtype, "--out", str(out), "--device", "cpu"])
+        summaries[dtype] = json.loads((out / "summary.json").read_text())
+    assert [s["dtype"] for s in summaries.values()] == ["fp32", "bf16"]
+    a, b = (s["model"]["abs_rel"] for s in summaries.values())
+    assert abs(a - b) < 0.02 * a, (a, b)
+
+
 def test_cli_ensemble_writes_uncertainty(tiny_ckpt, tmp_path):
     out = tmp_path / "eval"
     ev.main(["--ckpt", tiny_ckpt, "--data", "scenes", "--n", "2", "--steps", "1", "--tasks", "i2d",
