@@ -278,7 +278,7 @@ def test_gpu_train_script_dry_run(tmp_path):
     get a verdict from paired per-image numbers, and only the six result files stay."""
     out = tmp_path / "gt"
     env = {**ENV, "PY": sys.executable, "CONFIG": "tiny", "T2I_STEPS": "2", "MOFO_STEPS": "2", "BATCH": "4",
-           "N_EVAL": "4", "GEN_STEPS": "2", "DEVICE": "cpu", "POOL": "64", "GPU_TRAIN_OUT": str(out)}
+           "N_EVAL": "4", "GEN_STEPS": "2", "DEVICE": "cpu", "POOL": "64", "SEED": "1", "GPU_TRAIN_OUT": str(out)}
     proc = subprocess.run(["bash", "tools/gpu_train.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -289,4 +289,6 @@ def test_gpu_train_script_dry_run(tmp_path):
     assert set(record["evaluations"]) == {"dense", "depth-first", "lidar", "scratch"}
     assert all(c["verdict"] in ("holds", "does not hold", "within the noise") and c["n"] == 4
                for c in record["claims"]), record["claims"]
-    assert "FAILED" not in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "FAILED" not in summary and "SEED=1" in summary
+    assert (out / "full.log").read_text().count("--seed 1 ") == 4  # t2i and the three MoFo runs

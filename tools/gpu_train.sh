@@ -12,13 +12,14 @@
 # the held-out scenes), i2d_worst.png, summary.txt (every step's time and tail) and full.log.
 #
 #   make gpu-train                                  # GPU_TRAIN_S=540 s, GPU_TRAIN_OUT=gpu-train
+#   SEED=1 make gpu-train                           # the same with other initial weights and noise
 #   CONFIG=tiny T2I_STEPS=4 MOFO_STEPS=4 BATCH=4 N_EVAL=4 GEN_STEPS=2 DEVICE=cpu bash tools/gpu_train.sh
 set -u
 PY=${PY:-python3}
 DEADLINE=${GPU_TRAIN_S:-540}
 OUT=${GPU_TRAIN_OUT:-gpu-train}
 CONFIG=${CONFIG:-small} T2I_STEPS=${T2I_STEPS:-1500} MOFO_STEPS=${MOFO_STEPS:-1200} BATCH=${BATCH:-64}
-LR=${LR:-1e-3} N_EVAL=${N_EVAL:-256} GEN_STEPS=${GEN_STEPS:-30} DEVICE=${DEVICE:-auto}
+LR=${LR:-1e-3} N_EVAL=${N_EVAL:-256} GEN_STEPS=${GEN_STEPS:-30} DEVICE=${DEVICE:-auto} SEED=${SEED:-0}
 POOL=${POOL:-12000}  # training scenes pre-rendered once: rendering per batch would starve the GPU
 COMPILE=${COMPILE:---no-compile}  # four short runs: each would pay torch.compile's warm-up
 KERNELS=${KERNELS:-torch}  # nor Triton's autotuning of each new shape (BENCHMARKS.md: it costs more here)
@@ -30,7 +31,7 @@ mkdir -p "$RUNS"; : > "$TABLE"; : > "$LOG"; : > "$OUT/.tails"
 
 source "$(dirname "$0")/steps.sh"  # step NAME MAX_SECONDS CMD...
 
-TRAIN="$PY train.py --config $CONFIG --data shards --data-path $RUNS/scenes --batch-size $BATCH --lr $LR \
+TRAIN="$PY train.py --config $CONFIG --data shards --data-path $RUNS/scenes --batch-size $BATCH --lr $LR --seed $SEED \
   --decay 0.3 --device $DEVICE --kernels $KERNELS $COMPILE --log-every 100 --sample-steps 10"
 EVAL="$PY evaluate.py --data scenes --n $N_EVAL --offset 64 --gen-steps $GEN_STEPS --device $DEVICE --kernels $KERNELS"
 mofo() {  # mofo NAME [train.py flags...]: MoFo post-training, saved only at its end
@@ -115,7 +116,7 @@ EOF
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git rev-parse --short HEAD 2>/dev/null; date -u +%FT%TZ
-  echo "CONFIG=$CONFIG T2I_STEPS=$T2I_STEPS MOFO_STEPS=$MOFO_STEPS BATCH=$BATCH LR=$LR N_EVAL=$N_EVAL GEN_STEPS=$GEN_STEPS $COMPILE --kernels $KERNELS"
+  echo "CONFIG=$CONFIG T2I_STEPS=$T2I_STEPS MOFO_STEPS=$MOFO_STEPS BATCH=$BATCH LR=$LR N_EVAL=$N_EVAL GEN_STEPS=$GEN_STEPS SEED=$SEED $COMPILE --kernels $KERNELS"
   echo; echo "step             verdict        time   (a training TIMED OUT saved the step it reached)"; cat "$TABLE"; echo; cat "$OUT/claims.md"; echo; cat "$OUT/.tails"
 } > "$OUT/summary.txt"
 # Few files come back from a lent machine: the pictures, then the evaluation folders go.
