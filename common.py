@@ -226,3 +226,17 @@ def use_kernels(choice: str, device: torch.device) -> None:
 def wants_bf16(choice: str, device: torch.device) -> bool:
     """--dtype: "auto" is bf16 on CUDA and fp32 elsewhere."""
     return choice == "bf16" or (choice == "auto" and device.type == "cuda")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
+    bf16 matrix products, and bf16 runs several times slower than fp32 (results/demo.md)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def note_slow_bf16(choice: str, device: torch.device, prog: str) -> None:
+    """One line on stderr when --dtype asks for bf16 on a CPU that would emulate it."""
+    if device.type == "cpu" and wants_bf16(choice, device) and not cpu_has_native_bf16():
+        print(f"{prog}: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --dtype bf16 runs several "
+              "times slower than fp32 here (--dtype auto)", file=sys.stderr)

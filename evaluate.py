@@ -48,8 +48,8 @@ import checkpoint
 import data
 import mofo
 import scenes
-from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, pick_device,
-                    save_png, staged_dir, to_uint8, use_kernels, wants_bf16, write_json)
+from common import (UserError, check_out_dir, cli, colorize_depth, disparity_range, from_uint8, note_slow_bf16,
+                    pick_device, save_png, staged_dir, to_uint8, use_kernels, wants_bf16, write_json)
 from evalsets import get_eval_dataset
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
@@ -422,6 +422,7 @@ def evaluate(args: argparse.Namespace) -> None:
     check_out_dir(out)
     device = pick_device(args.device)
     use_kernels(args.kernels, device)
+    note_slow_bf16(args.dtype, device, "evaluate.py")
     bf16 = wants_bf16(args.dtype, device)
     model, tok = checkpoint.load_checkpoint(args.ckpt, device=device, ema=True,
                                             dtype=torch.bfloat16 if bf16 else torch.float32)

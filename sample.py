@@ -39,8 +39,8 @@ import mofo
 import pointcloud
 import viewer
 from checkpoint import load_checkpoint, resolve_checkpoint
-from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, pick_device, save_png, staged_dir, to_uint8,
-                    use_kernels, wants_bf16, write_json)
+from common import (HelpFormatter, UserError, check_out_dir, cli, from_uint8, note_slow_bf16, pick_device, save_png,
+                    staged_dir, to_uint8, use_kernels, wants_bf16, write_json)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEPTH_EXTS = (".npy", ".png")
@@ -327,6 +327,7 @@ def load_model(args):
     device = pick_device(args.device)
     use_kernels(args.kernels, device)
     ckpt = resolve_checkpoint(args.ckpt)
+    note_slow_bf16(args.dtype, device, "sample.py")
     bf16 = wants_bf16(args.dtype, device)
     model, tok = load_checkpoint(ckpt, device, dtype=torch.bfloat16 if bf16 else torch.float32)
     res = args.res or model.cfg.res

@@ -46,7 +46,8 @@ import mofo
 from checkpoint import (LATEST, empty_model, export_checkpoint, full_state_dict, is_sharded, load_checkpoint,
                         load_optimizer, load_sharded, model_from_state, resolve_checkpoint, save_checkpoint,
                         save_sharded_checkpoint)
-from common import HelpFormatter, UserError, cli, pick_device, save_png, to_uint8, use_kernels, wants_bf16, write_text
+from common import (HelpFormatter, UserError, cli, note_slow_bf16, pick_device, save_png, to_uint8, use_kernels,
+                    wants_bf16, write_text)
 from scenes import scene_captions
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and every step's noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU")
+                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU (bf16 is slow on CPUs without AVX512-BF16 or AMX)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="attention / QK-norm implementation: auto = Triton on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -495,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = setup_distributed(args.device)
     use_kernels(args.kernels, device)
     master = rank == 0
+    if master:
+        note_slow_bf16(args.dtype, device, "train.py")
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes x "
                         f"--grad-accum {args.grad_accum}")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import common
 import data
 import scenes
 import train
@@ -248,6 +249,20 @@ def test_bad_values_leave_nothing_behind(tmp_path, flags, needle):
     assert_user_error(run_cli("train.py", *TINY, "--steps", "1", *flags, "--out", str(out), check=False), needle)
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(monkeypatch, capsys, native):
+    """--dtype bf16 on a CPU that emulates bf16 (measured several times slower than fp32) prints one
+    line; auto, fp32, CUDA and CPUs with AVX512-BF16 / AMX print nothing."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for dtype, device in (("bf16", cpu), ("auto", cpu), ("fp32", cpu), ("bf16", cuda), ("auto", cuda)):
+        common.note_slow_bf16(dtype, device, "train.py")
+    err = capsys.readouterr().err
+    assert err == ("" if native else "train.py: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so "
+                   "--dtype bf16 runs several times slower than fp32 here (--dtype auto)\n")
 
 def test_learning_rate_schedule():
     """Warm-up, constant, then --decay's linear fall: every step's rate from the formula."""
