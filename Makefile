@@ -10,15 +10,15 @@ DEMO    := runs/demo
 # 4 and width" for the t2i stage). The MoFo stage cools the learning rate down over its last half.
 # Training runs in fp32 (train.py's --dtype auto on a CPU): bf16 autocast is only fast on CPUs with
 # AVX512-BF16 or AMX and 8x slower than fp32 on others (results/demo.md, "A CPU without native
-# bf16"). 5000 MoFo steps keep the demo under 10 minutes on such a 2-core machine.
+# bf16"). 2000 + 4000 steps keep the demo near 10 minutes on such a 2-core machine.
 # Dense depth by default: in ~10 CPU-minutes sparse LiDAR-like depth teaches the tiny model much
 # less (README, Results). Override on the command line, e.g. `make demo DEMO_SPARSE=lidar`.
 DEMO_CONFIG ?= tiny
 DEMO_SCENES ?= 8000
 DEMO_RES ?= 32
-DEMO_T2I_STEPS ?= 2400
+DEMO_T2I_STEPS ?= 2000
 DEMO_T2I_BATCH ?= 8
-DEMO_STEPS ?= 5000
+DEMO_STEPS ?= 4000
 DEMO_BATCH ?= 8
 DEMO_SPARSE ?= none
 # Sampling settings measured on held-out scenes (results/sampling.md): i2d in one step (the
