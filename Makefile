@@ -8,19 +8,19 @@ DEMO    := runs/demo
 # this size a quarter of the batch buys three to four times the steps in the same minutes, and the
 # model learns depth faster that way (results/demo.md, "Batch 8" for the MoFo stage, "Seeds, batch
 # 4 and width" for the t2i stage). The MoFo stage cools the learning rate down over its last half.
-# Training runs in fp32 (train.py's --dtype auto on a CPU): bf16 autocast is only fast on CPUs with
-# AVX512-BF16 or AMX and 8x slower than fp32 on others (results/demo.md, "A CPU without native
-# bf16"). 2000 + 4000 steps keep the demo near 10 minutes on such a 2-core machine.
+# Training runs in bf16 autocast on a GPU or a CPU with bf16 in hardware (AVX512-BF16 or AMX), in
+# fp32 elsewhere: emulated bf16 is 8x slower than fp32 (results/demo.md, "A CPU without native bf16").
 # Dense depth by default: in ~10 CPU-minutes sparse LiDAR-like depth teaches the tiny model much
 # less (README, Results). Override on the command line, e.g. `make demo DEMO_SPARSE=lidar`.
 DEMO_CONFIG ?= tiny
 DEMO_SCENES ?= 8000
 DEMO_RES ?= 32
-DEMO_T2I_STEPS ?= 2000
+DEMO_T2I_STEPS ?= 2400
 DEMO_T2I_BATCH ?= 8
-DEMO_STEPS ?= 4000
+DEMO_STEPS ?= 6000
 DEMO_BATCH ?= 8
 DEMO_SPARSE ?= none
+DEMO_DTYPE ?= $(shell $(PY) -c "import common; print('bf16' if common.bf16_is_fast(common.pick_device()) else 'fp32')")
 # Sampling settings measured on held-out scenes (results/sampling.md): i2d in one step (the
 # posterior-mean estimate), joint at guidance 2 (more makes the guided depth of the demo's model
 # explode), d2i at 7.
@@ -63,11 +63,11 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(PY) tools/render_shards.py --n $(DEMO_SCENES) --res $(DEMO_RES) --out $(DEMO)/scenes
 	$(PY) train.py --config $(DEMO_CONFIG) --stage t2i --data shards --data-path "$(DEMO)/scenes/*.tar" \
-	  --num-workers 0 --steps $(DEMO_T2I_STEPS) --batch-size $(DEMO_T2I_BATCH) --lr 1e-3 \
+	  --num-workers 0 --steps $(DEMO_T2I_STEPS) --batch-size $(DEMO_T2I_BATCH) --lr 1e-3 --dtype $(DEMO_DTYPE) \
 	  --save-every $(DEMO_T2I_STEPS) --log-every 400 --out $(DEMO)/t2i
 	$(PY) train.py --config $(DEMO_CONFIG) --stage mofo --data shards --data-path "$(DEMO)/scenes/*.tar" \
 	  --num-workers 0 --sparse $(DEMO_SPARSE) --steps $(DEMO_STEPS) --decay 0.5 --batch-size $(DEMO_BATCH) \
-	  --lr 1e-3 --save-every $(DEMO_STEPS) --log-every 500 --init $(DEMO)/t2i --out $(DEMO)/mofo
+	  --lr 1e-3 --dtype $(DEMO_DTYPE) --save-every $(DEMO_STEPS) --log-every 500 --init $(DEMO)/t2i --out $(DEMO)/mofo
 	$(PY) sample.py --ckpt $(DEMO)/mofo --mode joint --steps $(DEMO_GEN_STEPS) --cfg $(DEMO_JOINT_CFG) \
 	  --out $(DEMO)/joint --prompt "a red sphere left of a blue box on a checkered floor"
 	$(PY) data.py --scene 0 --split test --res 32 --out $(DEMO)/heldout

@@ -235,8 +235,13 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 is a speed-up on CUDA and on CPUs with native bf16; elsewhere it is a slow-down."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def note_slow_bf16(choice: str, device: torch.device, prog: str) -> None:
     """One line on stderr when --dtype asks for bf16 on a CPU that would emulate it."""
-    if device.type == "cpu" and wants_bf16(choice, device) and not cpu_has_native_bf16():
+    if wants_bf16(choice, device) and not bf16_is_fast(device):
         print(f"{prog}: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --dtype bf16 runs several "
               "times slower than fp32 here (--dtype auto)", file=sys.stderr)

@@ -264,6 +264,17 @@ def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(monkeypatch, capsys, nati
     assert err == ("" if native else "train.py: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so "
                    "--dtype bf16 runs several times slower than fp32 here (--dtype auto)\n")
 
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")), reason="make uses .venv")
+def test_make_demo_trains_in_the_fast_dtype_of_this_machine(tmp_path):
+    """Both training stages of `make demo` get bf16 where it is fast here and fp32 where it is emulated."""
+    proc = subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = "bf16" if common.bf16_is_fast(common.pick_device()) else "fp32"
+    dtypes = [line.split("--dtype ")[1].split()[0] for line in proc.stdout.splitlines() if "--dtype" in line]
+    assert dtypes == [want, want], proc.stdout
+
 def test_learning_rate_schedule():
     """Warm-up, constant, then --decay's linear fall: every step's rate from the formula."""
     args = train.parse_args(["--out", "unused", "--lr", "1e-3", "--warmup", "10", "--steps", "100", "--decay", "0.2"])
