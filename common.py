@@ -244,4 +244,4 @@ def note_slow_bf16(choice: str, device: torch.device, prog: str) -> None:
     """One line on stderr when --dtype asks for bf16 on a CPU that would emulate it."""
     if wants_bf16(choice, device) and not bf16_is_fast(device):
         print(f"{prog}: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --dtype bf16 runs several "
-              "times slower than fp32 here (--dtype auto)", file=sys.stderr)
+              "times slower than fp32 here, which --dtype auto picks", file=sys.stderr)

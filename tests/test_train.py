@@ -250,7 +250,6 @@ def test_bad_values_leave_nothing_behind(tmp_path, flags, needle):
     assert not out.exists()
 
 
-
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(monkeypatch, capsys, native):
     """--dtype bf16 on a CPU that emulates bf16 (measured several times slower than fp32) prints one
@@ -262,7 +261,7 @@ def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(monkeypatch, capsys, nati
         common.note_slow_bf16(dtype, device, "train.py")
     err = capsys.readouterr().err
     assert err == ("" if native else "train.py: note: this CPU has no native bf16 (AVX512-BF16 or AMX), so "
-                   "--dtype bf16 runs several times slower than fp32 here (--dtype auto)\n")
+                   "--dtype bf16 runs several times slower than fp32 here, which --dtype auto picks\n")
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")), reason="make uses .venv")
@@ -274,6 +273,7 @@ def test_make_demo_trains_in_the_fast_dtype_of_this_machine(tmp_path):
     want = "bf16" if common.bf16_is_fast(common.pick_device()) else "fp32"
     dtypes = [line.split("--dtype ")[1].split()[0] for line in proc.stdout.splitlines() if "--dtype" in line]
     assert dtypes == [want, want], proc.stdout
+
 
 def test_learning_rate_schedule():
     """Warm-up, constant, then --decay's linear fall: every step's rate from the formula."""
