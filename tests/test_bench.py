@@ -35,6 +35,7 @@ def cpu_bench(monkeypatch):
     monkeypatch.setattr(bench, "GEMM_N", 64)
 
 
+@pytest.mark.slow  # 30-60 s on a 2-core CPU: kept out of the 10-minute suite
 def test_bench_plumbing_dry_run(cpu_bench, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "ATTN_SHAPES", [(1, 2, 17, 64), (1, 2, 9, 16, "graph")])
     monkeypatch.setattr(bench, "RMS_SHAPES", [(9, 48), (5, 40, "graph")])
@@ -78,6 +79,7 @@ def test_bench_plumbing_dry_run(cpu_bench, monkeypatch, tmp_path, capsys):
     assert "n/a" in printed and "FAIL" not in printed
 
 
+@pytest.mark.slow  # 30-60 s on a 2-core CPU: kept out of the 10-minute suite
 def test_sample_section_dry_run(cpu_bench, monkeypatch, capsys):
     """The sampler section times the denoising loop of each backend (eager only here: compiling
     on CPU takes minutes) and judges the best Triton time against the bar."""
@@ -107,6 +109,7 @@ def test_shape_selection(capsys):
     assert "--attn-shapes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 30-60 s on a 2-core CPU: kept out of the 10-minute suite
 def test_step_section_dry_run(cpu_bench, monkeypatch, capsys):
     """Both backends run whole training steps of the same tiny model; before timing, the
     Triton backend's model outputs match the torch backend's (and are not bit-equal: it ran)."""

@@ -183,6 +183,7 @@ def test_torchrun_on_tar_shards(tmp_path):
     assert json.load(open(os.path.join(checkpoint.resolve_checkpoint(out), "train_state.json")))["step"] == 3
 
 
+@pytest.mark.slow  # 30-60 s on a 2-core CPU: kept out of the 10-minute suite
 def test_compiled_blocks_train_like_eager(tmp_path):
     """--compile (per-block torch.compile, the CUDA default) gives the eager run's losses on CPU."""
     losses = {}
@@ -298,6 +299,7 @@ def test_same_run_tolerance():
         assert_same_run(a, {"w": a["w"], "opt/w/step": torch.tensor(7.0)})
 
 
+@pytest.mark.slow  # 30-60 s on a 2-core CPU: kept out of the 10-minute suite
 def test_gpu_train_script_dry_run(tmp_path):
     """tools/gpu_train.sh (make gpu-train) end to end on the CPU at toy sizes, so a lent GPU's
     minutes are not lost to its plumbing: every training and evaluation runs, the three claims
