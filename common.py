@@ -228,16 +228,13 @@ def wants_bf16(choice: str, device: torch.device) -> bool:
     return choice == "bf16" or (choice == "auto" and device.type == "cuda")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
-    bf16 matrix products, and bf16 runs several times slower than fp32 (results/demo.md)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 is a speed-up on CUDA and on CPUs with native bf16; elsewhere it is a slow-down."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    """bf16 is a speed-up on CUDA and on CPUs that multiply bf16 in hardware (AVX512-BF16 or AMX).
+    Elsewhere PyTorch emulates bf16 matrix products, several times slower than fp32 (results/demo.md)."""
+    if device.type == "cuda":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def note_slow_bf16(choice: str, device: torch.device, prog: str) -> None:

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and every step's noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU (bf16 is slow on CPUs without AVX512-BF16 or AMX)")
+                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU (where bf16 is only fast with "
+                        "AVX512-BF16 or AMX)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="attention / QK-norm implementation: auto = Triton on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
