@@ -46,6 +46,47 @@ def test_disparity_alignment_is_affine_in_inverse_depth():
     assert np.abs(aligned[valid] - gt[valid]).max() > 1e-3
 
 
+def _brute_abs_rel_cost(x, y):
+    """The least sum |a x + b - y| / y over a >= 0: a weighted L1 fit is optimal at a line through two of
+    the points, or, on the boundary a = 0, at a horizontal line through one."""
+    best = min(np.sum(np.abs(yi - y) / y) for yi in y)
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            if x[i] != x[j]:
+                a = (y[j] - y[i]) / (x[j] - x[i])
+                if a >= 0:
+                    best = min(best, np.sum(np.abs(a * x + y[i] - a * x[i] - y) / y))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_abs_rel_fit_matches_a_brute_force_search(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0.5, 20.0, 13)
+    x = 0.3 * y + rng.normal(0, 1.0, 13) + 2.0
+    a, b = ev._fit_abs_rel(x, y)
+    assert a >= 0
+    cost = np.sum(np.abs(a * x + b - y) / y)
+    np.testing.assert_allclose(cost, _brute_abs_rel_cost(x, y), rtol=1e-7)
+    # it minimises AbsRel, so least squares cannot do better on that measure
+    a2, b2 = ev._fit_scale_shift(x, y)
+    assert cost <= np.sum(np.abs(a2 * x + b2 - y) / y) + 1e-12
+
+
+def test_abs_rel_alignment_recovers_affine_maps_despite_far_outliers():
+    gt, valid = _gt()
+    pred = (gt + 0.7) / 2.5
+    far = gt > np.percentile(gt[valid], 95)
+    pred[far] *= 3.0  # the farthest 5 %: least squares bends towards them, the AbsRel fit does not
+    aligned = ev.align_depth(pred, gt, valid, "abs_rel")
+    np.testing.assert_allclose(aligned[valid & ~far], gt[valid & ~far], rtol=1e-6)
+    ls = ev.align_depth(pred, gt, valid, "least_squares")
+    assert np.abs(ls[valid & ~far] / gt[valid & ~far] - 1).max() > 0.05
+    # a constant prediction leaves only the shift: the 1/gt-weighted median of the GT
+    const = ev.align_depth(np.ones_like(gt), gt, valid, "abs_rel")
+    assert np.ptp(const) == 0 and np.isclose(const[0, 1], ev._weighted_median(gt[valid], 1 / gt[valid]))
+
+
 def test_median_alignment_is_scale_invariant_only():
     gt, valid = _gt()
     aligned = ev.align_depth(gt * 0.13, gt, valid, "median")
