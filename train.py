@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay", type=float, default=0.0, help="fraction of --steps at the end over which the "
                    "learning rate falls linearly to 0 (0: constant after the warm-up)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--beta2", type=float, default=0.99,
+                   help="AdamW decay of the squared-gradient average (the CPU demo's MoFo stage: 0.9, results/demo.md)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step of the weights used for sampling")
     p.add_argument("--ema-every", type=int, default=1, help="update the EMA every K steps (decay^K)")
@@ -134,9 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if (not 0 <= args.ema < 1 or args.warmup < 0 or args.grad_clip < 0 or not 0 <= args.caption_dropout <= 1
+    if (not 0 <= args.ema < 1 or not 0 <= args.beta2 < 1 or args.warmup < 0 or args.grad_clip < 0 or not 0 <= args.caption_dropout <= 1
             or not 0 <= args.decay <= 1):
-        raise UserError("--ema must be in [0, 1), --caption-dropout and --decay in [0, 1], --warmup and "
+        raise UserError("--ema and --beta2 must be in [0, 1), --caption-dropout and --decay in [0, 1], --warmup and "
                         "--grad-clip >= 0")
     patch = mofo.PRESETS[args.config].patch
     if args.res is not None and (args.res < patch or args.res % patch):
@@ -346,7 +348,7 @@ def build_model(args, device):
 
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     """PyTorch's fused AdamW: one kernel for every tensor (under FSDP each rank steps its own shards)."""
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
                              fused=True)
 
 

@@ -4,8 +4,8 @@ Where an i2d model's error lies on held-out scenes, beside the ground-truth-plan
 
     OMP_NUM_THREADS=1 .venv/bin/python results/error_split.py --ckpt runs/base/mofo --offset 64 --n 128
 
-Each prediction is aligned to the ground truth exactly as evaluate.py does (least squares over all
-valid pixels, one step, seed 0), then its AbsRel is averaged per image over three pixel sets:
+Each prediction is aligned to the ground truth exactly as evaluate.py does (one step, seed 0, least
+squares over all valid pixels or --alignment), then its AbsRel is averaged per image over pixel sets:
   floor    valid pixels whose depth is the ground plane's (the scene rendered without objects
            gives the same depth there),
   objects  the other valid pixels,
@@ -33,9 +33,9 @@ def object_mask(index: int, res: int, depth: np.ndarray) -> np.ndarray:
     return np.abs(empty["depth"] - depth) > 1e-4
 
 
-def split(pred: np.ndarray, item: dict, objects: np.ndarray) -> dict:
+def split(pred: np.ndarray, item: dict, objects: np.ndarray, alignment: str) -> dict:
     valid, gt = item["valid"], item["depth"].astype(np.float64)
-    err = np.abs(ev.align_depth(pred, gt, valid) - gt) / np.where(valid, gt, 1)
+    err = np.abs(ev.align_depth(pred, gt, valid, alignment) - gt) / np.where(valid, gt, 1)
     rel = gt / gt[valid].mean()
     floor = valid & ~objects
     out = {"all": err[valid].mean(), "floor": err[floor].mean() if floor.any() else np.nan,
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--offset", type=int, default=64, help="first held-out scene")
     p.add_argument("--n", type=int, default=128, help="number of held-out scenes")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--alignment", default="least_squares", choices=ev.ALIGNMENTS, help="as in evaluate.py")
     args = p.parse_args()
 
     model, tok = checkpoint.load_checkpoint(args.ckpt)
@@ -68,7 +69,7 @@ def main() -> None:
     planes = [ev.scene_plane_baseline(i, res) for i in indices]
 
     for name, source in (("model", preds), ("plane", planes)):
-        rows = [split(pr, it, om) for pr, it, om in zip(source, items, objects)]
+        rows = [split(pr, it, om, args.alignment) for pr, it, om in zip(source, items, objects)]
         mean = {k: 100 * float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
         buckets = " | ".join(f"{lo}-{hi:g}: {mean[f'floor {lo}-{hi:g}']:.1f} ({mean[f'share {lo}-{hi:g}']:.0f} % px)"
                              for lo, hi in BUCKETS)

@@ -244,11 +244,18 @@ def test_clean_errors_for_device_and_out(tmp_path, script, args):
 
 
 @pytest.mark.parametrize("flags, needle", [(["--res", "30"], "--res"), (["--lr", "-1"], "--lr"),
-                                          (["--decay", "1.5"], "--decay")])
+                                          (["--decay", "1.5"], "--decay"), (["--beta2", "1"], "--beta2")])
 def test_bad_values_leave_nothing_behind(tmp_path, flags, needle):
     out = tmp_path / "run"
     assert_user_error(run_cli("train.py", *TINY, "--steps", "1", *flags, "--out", str(out), check=False), needle)
     assert not out.exists()
+
+
+def test_beta2_reaches_adamw():
+    model = torch.nn.Linear(3, 2)
+    for flags, beta2 in (([], 0.99), (["--beta2", "0.9"], 0.9)):
+        opt = train.make_optimizer(model, train.parse_args(["--out", "unused", *flags]))
+        assert opt.param_groups[0]["betas"] == (0.9, beta2)
 
 
 @pytest.mark.parametrize("native", [False, True])
