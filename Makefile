@@ -9,7 +9,7 @@ DEMO    := runs/demo
 # model learns depth faster that way (results/demo.md, "Batch 8" for the MoFo stage, "Seeds, batch
 # 4 and width" for the t2i stage). The MoFo stage cools the learning rate down over its last half,
 # and its AdamW forgets squared gradients faster than train.py's default (beta2 0.9 against 0.99):
-# better on each of three seeds (results/demo.md, "AdamW's beta2, and four variants that did not help").
+# better on each of three seeds (results/demo.md, "AdamW's beta2, and variants that did not help").
 # Training runs in bf16 autocast on a GPU or a CPU with bf16 in hardware (AVX512-BF16 or AMX), in
 # fp32 elsewhere: emulated bf16 is 8x slower than fp32 (results/demo.md, "A CPU without native bf16").
 # Dense depth by default: in ~10 CPU-minutes sparse LiDAR-like depth teaches the tiny model much
