@@ -94,13 +94,15 @@ def _fit_abs_rel(x: np.ndarray, y: np.ndarray, tol: float = 1e-10) -> tuple[floa
     if np.ptp(x) <= 1e-6 * max(float(np.abs(x).max()), 1e-300):  # constant x: only the shift matters
         return 1.0, cost(1.0)[1]
     hi = max(abs(_fit_scale_shift(x, y)[0]), 1e-12)
-    while cost(2 * hi)[0] < cost(hi)[0]:  # convex: once doubling stops helping, the minimum lies below 2*hi
-        hi *= 2
+    c_hi = cost(hi)[0]
+    while (c_next := cost(2 * hi)[0]) < c_hi:  # convex: once doubling stops helping, the minimum is below 2*hi
+        hi, c_hi = 2 * hi, c_next
     lo, hi = 0.0, 2 * hi
+    width = hi  # the tolerance is relative to the first bracket, so an optimum at a = 0 ends the search too
     g = (math.sqrt(5) - 1) / 2
     a1, a2 = hi - g * (hi - lo), lo + g * (hi - lo)
     c1, c2 = cost(a1)[0], cost(a2)[0]
-    while hi - lo > tol * hi:
+    while hi - lo > tol * width:
         if c1 <= c2:
             hi, a2, c2 = a2, a1, c1
             a1 = hi - g * (hi - lo)

@@ -73,6 +73,14 @@ def test_abs_rel_fit_matches_a_brute_force_search(seed):
     assert cost <= np.sum(np.abs(a2 * x + b2 - y) / y) + 1e-12
 
 
+def test_abs_rel_fit_of_an_anticorrelated_prediction_is_a_shift_only():
+    """The optimum on the boundary a = 0: the best the fit can do is the 1/y-weighted median of y."""
+    y = np.random.default_rng(3).uniform(0.5, 10.0, 11)
+    a, b = ev._fit_abs_rel(-y, y)
+    assert a < 1e-9 * y.max()
+    np.testing.assert_allclose(np.sum(np.abs(a * -y + b - y) / y), _brute_abs_rel_cost(-y, y), rtol=1e-9)
+
+
 def test_abs_rel_alignment_recovers_affine_maps_despite_far_outliers():
     gt, valid = _gt()
     pred = (gt + 0.7) / 2.5
