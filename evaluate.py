@@ -630,7 +630,8 @@ def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_pr
             i, gt = start + j, it["depth"]
             mask, span = it["valid"] & ~k, (it["min_depth"], it["max_depth"])
             fraction.append(k.sum() / it["valid"].sum())
-            per["metric"].append(depth_metrics(data.fit_scale(r, gt, k)[0] * r, gt, mask, "none", *span))
+            metric = data.fit_scale(r, gt, k)[0] * r  # relative depth in metres, scaled to the known points
+            per["metric"].append(depth_metrics(metric, gt, mask, "none", *span))
             per["affine"].append(depth_metrics(r, gt, mask, args.alignment, *span))
             per["nearest"].append(depth_metrics(nearest_fill(gt, k), gt, mask, "none", *span))
             if i2d_preds is not None:
@@ -638,7 +639,7 @@ def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_pr
                 per["i2d_scaled"].append(depth_metrics(data.fit_scale(p, gt, k)[0] * p, gt, mask, "none", *span))
             rows.setdefault(i, {"index": i, "name": it["name"]})["complete_abs_rel"] = per["metric"][-1]["abs_rel"]
             if i < len(panels):
-                panels[i].append(colorize_depth(r, None, disparity_range(gt, it["valid"])))
+                panels[i].append(colorize_depth(metric, None, disparity_range(gt, it["valid"])))
         print(f"complete [{start + len(chunk)}/{len(items)}] | "
               f"{(start + len(chunk)) / (time.time() - t0):.2f} img/s", flush=True)
     return {"steps": args.steps, "known_fraction": float(np.mean(fraction)),

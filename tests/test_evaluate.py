@@ -1,4 +1,5 @@
 """Tests for evaluate.py: alignment, metrics, ensembling, baselines, and the CLI end to end."""
+import argparse
 import json
 import math
 import os
@@ -255,6 +256,24 @@ def _blob_image(blobs, res=32, floor=(200, 190, 160)):
 
 def _prim(colour, x, z=5.0):
     return scenes.Primitive("sphere", colour, "medium", x, z, (0.4, 0.4, 0.4))
+
+
+def test_completion_panel_is_metric_on_the_ground_truth_colour_scale(monkeypatch):
+    # a completion is relative depth; its picture shows it scaled to the known points and drawn on
+    # the ground truth's colour scale, so an exact completion draws the ground truth's picture
+    items = [get_eval_dataset("scenes", None, 2, 16, offset=3)[i] for i in range(2)]
+
+    def exact_relative(model, tok, chunk, *, steps, seed, device):
+        known = [it["valid"] & (np.arange(16)[:, None] % 3 == 0) for it in chunk]
+        return [np.where(it["valid"], it["depth"] / 5.0, 0.0) for it in chunk], known
+
+    monkeypatch.setattr(ev, "complete_batch", exact_relative)
+    args = argparse.Namespace(batch_size=2, steps=1, seed=0, alignment="least_squares")
+    panels = [[], []]
+    out = ev.run_complete(args, None, None, items, "cpu", {}, None, panels)
+    assert out["metric"]["abs_rel"] < 1e-5
+    for it, (panel,) in zip(items, panels):
+        assert np.array_equal(panel, ev.colorize_depth(it["depth"], it["valid"]))
 
 
 def test_adherence_colours_and_relations():
