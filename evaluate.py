@@ -199,6 +199,16 @@ def mean_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
 
 
+def paired_difference(model: list[float], baseline: list[float]) -> dict[str, float]:
+    """Per-image model minus baseline (e.g. AbsRel) on the same images: the mean difference, its
+    standard error (the spread of the differences over sqrt(n); 0 for one image) and the fraction of
+    images where the model's value is the smaller. A mean below zero by more than two standard errors
+    says the model is better on this set of images, not on another draw of them."""
+    d = np.asarray(model, float) - np.asarray(baseline, float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"mean": float(d.mean()), "se": se, "model_lower": float(np.mean(d < 0))}
+
+
 def ensemble_depth(preds: np.ndarray, fit_mask: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Merge K affine-invariant depth samples (K, H, W), without the GT, into (median, spread), each (H, W) float64.
@@ -560,7 +570,10 @@ def run_i2d(args, model, tok, ds, device, stage: str, rows: dict, summary: dict,
     if not model_m:
         raise UserError("no image had valid ground-truth depth")
     summary.update(n=len(model_m), skipped=skipped, model=mean_metrics(model_m),
-                   baselines={b: mean_metrics(ms) for b, ms in base_m.items()})
+                   baselines={b: mean_metrics(ms) for b, ms in base_m.items()},
+                   abs_rel_minus_baseline={b: paired_difference([m["abs_rel"] for m in model_m],
+                                                                [m["abs_rel"] for m in ms])
+                                           for b, ms in base_m.items()})
     save_png(os.path.join(stage, "worst.png"), stack_rows([w[1] for w in worst]))
     return kept if keep else None
 
@@ -650,11 +663,16 @@ def run_complete(args, model, tok, items: list[dict], device, rows: dict, i2d_pr
 def print_tables(args, s: dict) -> None:
     """The final tables; AbsRel, delta1 and rates are printed x100 (the summary holds fractions)."""
     if "model" in s:
-        print(f"\n{'i2d':<28}{'AbsRel x100':>12}{'delta1 x100':>13}")
-        table = [(f"model (K={args.ensemble}, {args.steps} steps)", s["model"])]
-        table += [(f"{b} baseline", m) for b, m in s["baselines"].items()]
-        for label, m in table:
-            print(f"{label:<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}")
+        # beside each baseline: the paired AbsRel difference (x100, two standard errors) and the share
+        # of images on which the model has the lower AbsRel
+        print(f"\n{'i2d':<28}{'AbsRel x100':>12}{'delta1 x100':>13}{'model - it (2 SE)':>20}{'model lower on':>16}")
+        print(f"{f'model (K={args.ensemble}, {args.steps} steps)':<28}{100 * s['model']['abs_rel']:>12.2f}"
+              f"{100 * s['model']['delta1']:>13.1f}")
+        for b, m in s["baselines"].items():
+            d = s["abs_rel_minus_baseline"][b]
+            diff = f"{100 * d['mean']:+.2f} ({200 * d['se']:.2f})"
+            print(f"{b + ' baseline':<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}{diff:>20}"
+                  f"{100 * d['model_lower']:>14.0f} %")
     if "adherence_oracle" in s:
         o = s["adherence_oracle"]
         print(f"\nprompt adherence x100 (colour / relation / both): ground-truth renders "

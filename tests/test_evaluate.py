@@ -168,6 +168,15 @@ def test_mean_metrics_is_per_image_not_pooled():
 # ensembling
 
 
+def test_paired_difference_hand_computed():
+    # differences -0.1, +0.2, -0.4: mean -0.1, sample std sqrt(0.09) = 0.3, SE 0.3 / sqrt(3)
+    d = ev.paired_difference([0.1, 0.5, 0.2], [0.2, 0.3, 0.6])
+    assert d["mean"] == pytest.approx(-0.1) and d["se"] == pytest.approx(0.3 / math.sqrt(3))
+    assert d["model_lower"] == pytest.approx(2 / 3)
+    one = ev.paired_difference([0.3], [0.1])
+    assert one == {"mean": pytest.approx(0.2), "se": 0.0, "model_lower": 0.0}
+
+
 def test_ensemble_median_and_spread():
     rng = np.random.default_rng(1)
     base = rng.uniform(1.0, 5.0, size=(8, 9))
@@ -328,6 +337,9 @@ def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert set(s["model"]) == set(ev.METRIC_KEYS) and _finite(s["model"])
     assert set(s["baselines"]) == {"mean", "plane"}
     assert all(_finite(m) for m in s["baselines"].values())
+    assert set(s["abs_rel_minus_baseline"]) == {"mean", "plane"}
+    for b, d in s["abs_rel_minus_baseline"].items():  # the paired mean is the difference of the means
+        assert d["mean"] == pytest.approx(s["model"]["abs_rel"] - s["baselines"][b]["abs_rel"])
     lines = (out / "per_image.csv").read_text().strip().splitlines()
     assert len(lines) == 3 and "abs_rel" in lines[0] and "plane_delta1" in lines[0]
     printed = capsys.readouterr().out
