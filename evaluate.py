@@ -666,8 +666,8 @@ def print_tables(args, s: dict) -> None:
         # beside each baseline: the paired AbsRel difference (x100, two standard errors) and the share
         # of images on which the model has the lower AbsRel
         print(f"\n{'i2d':<28}{'AbsRel x100':>12}{'delta1 x100':>13}{'model - it (2 SE)':>20}{'model lower on':>16}")
-        print(f"{f'model (K={args.ensemble}, {args.steps} steps)':<28}{100 * s['model']['abs_rel']:>12.2f}"
-              f"{100 * s['model']['delta1']:>13.1f}")
+        label = f"model (K={args.ensemble}, {args.steps} steps)"
+        print(f"{label:<28}{100 * s['model']['abs_rel']:>12.2f}{100 * s['model']['delta1']:>13.1f}")
         for b, m in s["baselines"].items():
             d = s["abs_rel_minus_baseline"][b]
             diff = f"{100 * d['mean']:+.2f} ({200 * d['se']:.2f})"
