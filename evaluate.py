@@ -8,7 +8,7 @@ from its description:
      to the ground-truth resolution;
   2. fit a per-image scale and shift against the ground truth over valid pixels (least squares in
      depth space by default, because MoFo models relative *depth*, not disparity; `--alignment
-     abs_rel` fits the scale and shift that minimise AbsRel instead, closer to the paper's robust fit);
+     abs_rel` fits the scale and shift that minimise AbsRel instead: the paper's protocol, MoGe's fit);
   3. clip the aligned prediction to the dataset's depth range (and >= 1e-6);
   4. compute AbsRel, delta1..3, RMSE, SqRel and log10 per image over valid pixels, then average
      over images (not over the pooled pixels: every image weighs the same).
@@ -137,8 +137,9 @@ def align_depth(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
       least_squares_disparity  pred is depth; fit a/d + b to 1/gt, clip that disparity >= 1e-3,
                                invert back to depth (for comparing with disparity-space protocols)
       abs_rel                  d' = a*d + b with a >= 0, (a, b) minimise the AbsRel itself, sum over valid of
-                               |d' - gt| / gt: a robust fit in the spirit of the MoGe alignment the paper
-                               uses; unlike least squares, the far pixels do not dominate it
+                               |d' - gt| / gt: the objective MoGe's evaluation fits for affine-invariant
+                               depth, as the paper scores i2d; unlike least squares, far pixels do not
+                               dominate it
       median                   d' = d * median(gt) / median(d) (scale only)
       none                     d' = d
     """
