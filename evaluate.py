@@ -19,6 +19,11 @@ tell how much of a number the alignment alone explains.
 
 On scenes (--tasks, default all four) each number stands beside a reference that tells what it
 is worth:
+  i2d       beside the constant map and the ground-truth plane (the scene rendered without its
+            objects: exact on the floor, blind to what stands on it), with AbsRel also split into
+            object and floor pixels (abs_rel_objects / abs_rel_floor; the same alignment, fitted
+            on all pixels), which tells a model that reads the objects from one that only draws a
+            floor;
   joint     caption -> RGB + depth: prompt adherence of the RGB (adherence.py: named colours present,
             relations in the right order) beside the same images scored against other scenes'
             captions (random caption) and the ground-truth renders (the scorer's ceiling);
@@ -54,6 +59,7 @@ from common import (UserError, check_out_dir, cli, colorize_depth, disparity_ran
 from evalsets import get_eval_dataset
 
 METRIC_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse", "sq_rel", "log10")
+PIXEL_KIND_KEYS = ("abs_rel_objects", "abs_rel_floor")  # i2d on procedural scenes (depth_metrics objects=)
 ALIGNMENTS = ("least_squares", "least_squares_disparity", "abs_rel", "median", "none")
 
 # -----------------------------------------------------------------------------
@@ -168,13 +174,16 @@ def align_depth(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
 
 def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
                   alignment: str = "least_squares", min_depth: float = 1e-5,
-                  max_depth: float = math.inf) -> dict[str, float]:
+                  max_depth: float = math.inf, objects: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of one image: align, clip to [min_depth, max_depth] and >= 1e-6, then compare.
 
     pred, gt: (H, W); valid: (H, W) bool. Returns raw fractions (not x100):
       abs_rel  mean |p - g| / g          sq_rel  mean (p - g)^2 / g
       rmse     sqrt(mean (p - g)^2)      log10   mean |log10 p - log10 g|
       deltaK   fraction with max(p/g, g/p) < 1.25^K, K = 1, 2, 3
+    objects: (H, W) bool, the pixels of objects (scene_object_mask). With it, the same aligned AbsRel is
+    also averaged over the valid object pixels (abs_rel_objects) and the others (abs_rel_floor), NaN
+    where the image has none: the alignment is fitted on all valid pixels either way.
     """
     valid = _check_inputs(pred, gt, valid)
     aligned = align_depth(pred, gt, valid, alignment)
@@ -182,7 +191,7 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
     g = gt[valid].astype(np.float64)
     diff = p - g
     ratio = np.maximum(p / g, g / p)
-    return {
+    m = {
         "abs_rel": float(np.mean(np.abs(diff) / g)),
         "delta1": float(np.mean(ratio < 1.25)),
         "delta2": float(np.mean(ratio < 1.25 ** 2)),
@@ -191,13 +200,23 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
         "sq_rel": float(np.mean(diff * diff / g)),
         "log10": float(np.mean(np.abs(np.log10(p) - np.log10(g)))),
     }
+    if objects is not None:
+        rel, on_object = np.abs(diff) / g, objects[valid]
+        m["abs_rel_objects"] = float(rel[on_object].mean()) if on_object.any() else math.nan
+        m["abs_rel_floor"] = float(rel[~on_object].mean()) if not on_object.all() else math.nan
+    return m
 
 
 def mean_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
-    """Average per-image metric dicts key by key (each image counts once, whatever its size)."""
+    """Average per-image metric dicts key by key (each image counts once, whatever its size); an image
+    whose value is NaN (e.g. no object pixels for abs_rel_objects) is left out of that key's mean."""
     if not per_image:
         raise ValueError("mean_metrics needs at least one image")
-    return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+    out = {}
+    for k in per_image[0]:
+        vals = [m[k] for m in per_image if not math.isnan(m[k])]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    return out
 
 
 def paired_difference(model: list[float], baseline: list[float]) -> dict[str, float]:
@@ -240,16 +259,27 @@ def mean_baseline(gt: np.ndarray) -> np.ndarray:
     return np.ones(gt.shape, np.float64)
 
 
-def scene_plane_baseline(scene_index: int, res: int) -> np.ndarray:
+def empty_scene_depth(scene_index: int, res: int) -> np.ndarray:
+    """(res, res) z-depth of procedural scene `scene_index` rendered without its objects, 0 off the ground."""
+    r = scenes.render(dataclasses.replace(scenes.sample_scene(scene_index), objects=[]), res)
+    return np.where(r["valid"], r["depth"].astype(np.float64), 0.0)
+
+
+def scene_plane_baseline(scene_index: int, res: int, empty: np.ndarray | None = None) -> np.ndarray:
     """The 'flat ground' predictor of procedural scene `scene_index`: (res, res) z-depth of the scene
     rendered with no objects, so the best a model could do that knows the true camera but sees no object.
-    Pixels where the ray never meets the ground (sky, or above the horizon) get the farthest ground depth."""
-    scene = dataclasses.replace(scenes.sample_scene(scene_index), objects=[])
-    r = scenes.render(scene, res)
-    depth, on_ground = r["depth"].astype(np.float64), r["valid"]
+    Pixels where the ray never meets the ground (sky, or above the horizon) get the farthest ground depth.
+    empty: empty_scene_depth(scene_index, res), when the caller has it already."""
+    depth = empty_scene_depth(scene_index, res) if empty is None else empty
+    on_ground = depth > 0
     if not on_ground.any():  # camera sees no ground: degenerate to the constant baseline
         return np.ones((res, res))
     return np.where(on_ground, depth, depth[on_ground].max())
+
+
+def scene_object_mask(depth: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The pixels of a scene's objects: where its depth (H, W) differs from empty_scene_depth's."""
+    return np.abs(empty - depth) > 1e-4 * np.maximum(depth, 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -540,13 +570,16 @@ def run_i2d(args, model, tok, ds, device, stage: str, rows: dict, summary: dict,
                 skipped += 1
                 continue
             span = (item["min_depth"], item["max_depth"])
-            m = depth_metrics(pred, gt, valid, args.alignment, *span)
+            # on procedural scenes the error is also split into object and floor pixels
+            empty = empty_scene_depth(item["scene"], model.cfg.res) if args.data == "scenes" else None
+            objects = scene_object_mask(gt, empty) if empty is not None else None
+            m = depth_metrics(pred, gt, valid, args.alignment, *span, objects=objects)
             row = rows.setdefault(idx, {"index": idx, "name": item["name"]})
             row.update(m)
             model_m.append(m)
             for b in baselines:
-                bp = mean_baseline(gt) if b == "mean" else scene_plane_baseline(item["scene"], model.cfg.res)
-                bm = depth_metrics(bp, gt, valid, args.alignment, *span)
+                bp = mean_baseline(gt) if b == "mean" else scene_plane_baseline(item["scene"], model.cfg.res, empty)
+                bm = depth_metrics(bp, gt, valid, args.alignment, *span, objects=objects)
                 base_m[b].append(bm)
                 row[f"{b}_abs_rel"], row[f"{b}_delta1"] = bm["abs_rel"], bm["delta1"]
 
@@ -674,6 +707,10 @@ def print_tables(args, s: dict) -> None:
             diff = f"{100 * d['mean']:+.2f} ({200 * d['se']:.2f})"
             print(f"{b + ' baseline':<28}{100 * m['abs_rel']:>12.2f}{100 * m['delta1']:>13.1f}{diff:>20}"
                   f"{100 * d['model_lower']:>14.0f} %")
+        if "abs_rel_objects" in s["model"]:
+            kinds = ", ".join(f"{name} {100 * m['abs_rel_objects']:.2f} / {100 * m['abs_rel_floor']:.2f}"
+                              for name, m in [("model", s["model"])] + list(s["baselines"].items()))
+            print(f"i2d AbsRel x100 on object / floor pixels: {kinds}")
     if "adherence_oracle" in s:
         o = s["adherence_oracle"]
         print(f"\nprompt adherence x100 (colour / relation / both): ground-truth renders "

@@ -12,7 +12,6 @@ squares over all valid pixels or --alignment), then its AbsRel is averaged per i
 and the floor is split again by relative depth d / mean(d), near (bottom rows) to far (horizon).
 """
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -25,12 +24,6 @@ import evaluate as ev  # noqa: E402
 import scenes  # noqa: E402
 
 BUCKETS = ((0, 0.5), (0.5, 1), (1, 2), (2, 4), (4, np.inf))  # d / mean(d) over the valid pixels
-
-
-def object_mask(index: int, res: int, depth: np.ndarray) -> np.ndarray:
-    """Pixels whose depth changes when the scene's objects are removed."""
-    empty = scenes.render(dataclasses.replace(scenes.sample_scene(index), objects=[]), res)
-    return np.abs(empty["depth"] - depth) > 1e-4
 
 
 def split(pred: np.ndarray, item: dict, objects: np.ndarray, alignment: str) -> dict:
@@ -61,7 +54,7 @@ def main() -> None:
     res = model.cfg.res
     indices = [scenes.TEST_OFFSET + i for i in range(args.offset, args.offset + args.n)]
     items = [scenes.render(scenes.sample_scene(i), res) for i in indices]
-    objects = [object_mask(i, res, it["depth"]) for i, it in zip(indices, items)]
+    objects = [ev.scene_object_mask(it["depth"], ev.empty_scene_depth(i, res)) for i, it in zip(indices, items)]
     preds = []
     for b in range(0, len(items), args.batch_size):
         rgbs = [it["rgb"] for it in items[b:b + args.batch_size]]

@@ -164,6 +164,34 @@ def test_mean_metrics_is_per_image_not_pooled():
         ev.mean_metrics([])
 
 
+def test_metrics_split_into_object_and_floor_pixels():
+    gt = np.array([[1.0, 2.0], [4.0, 8.0]])
+    pred = np.array([[1.0, 3.0], [4.0, 8.0]])          # error 0.5 on the object pixel only
+    valid = np.array([[True, True], [True, False]])
+    objects = np.array([[False, True], [False, True]])   # the invalid object pixel does not count
+    m = ev.depth_metrics(pred, gt, valid, alignment="none", objects=objects)
+    assert m["abs_rel_objects"] == pytest.approx(0.5) and m["abs_rel_floor"] == pytest.approx(0.0)
+    assert m["abs_rel"] == pytest.approx(0.5 / 3)
+    none = ev.depth_metrics(pred, gt, valid, alignment="none", objects=np.zeros((2, 2), bool))
+    assert math.isnan(none["abs_rel_objects"]) and none["abs_rel_floor"] == pytest.approx(0.5 / 3)
+    # an image without object pixels is left out of the objects' mean, not counted as 0 or NaN
+    mean = ev.mean_metrics([m, none])
+    assert mean["abs_rel_objects"] == pytest.approx(0.5) and mean["abs_rel_floor"] == pytest.approx(0.5 / 6)
+
+
+def test_scene_object_mask_marks_what_stands_on_the_floor():
+    res, index = 32, scenes.TEST_OFFSET + 3
+    gt = scenes.render_scene(index, res)
+    empty = ev.empty_scene_depth(index, res)
+    objects = ev.scene_object_mask(gt["depth"], empty)
+    valid = gt["valid"]
+    assert 0 < objects[valid].mean() < 0.5
+    # off the objects the scene is its empty floor; on them it is nearer than the floor behind
+    np.testing.assert_allclose(gt["depth"][valid & ~objects], empty[valid & ~objects], rtol=1e-4)
+    behind = valid & objects & (empty > 0)
+    assert behind.any() and np.all(gt["depth"][behind] < empty[behind])
+
+
 # -----------------------------------------------------------------------------
 # ensembling
 
@@ -334,9 +362,12 @@ def test_cli_scenes_end_to_end(tiny_ckpt, tmp_path, capsys):
                 "steps", "date"):
         assert key in s
     assert s["n"] == 2 and s["steps"] == 2 and s["ensemble"] == 1
-    assert set(s["model"]) == set(ev.METRIC_KEYS) and _finite(s["model"])
+    assert set(s["model"]) == set(ev.METRIC_KEYS + ev.PIXEL_KIND_KEYS) and _finite(s["model"])
     assert set(s["baselines"]) == {"mean", "plane"}
     assert all(_finite(m) for m in s["baselines"].values())
+    # the plane has the floor's depth, not the objects': far better on floor pixels than on object ones
+    plane = s["baselines"]["plane"]
+    assert plane["abs_rel_floor"] < plane["abs_rel_objects"]
     assert set(s["abs_rel_minus_baseline"]) == {"mean", "plane"}
     for b, d in s["abs_rel_minus_baseline"].items():  # the paired mean is the difference of the means
         assert d["mean"] == pytest.approx(s["model"]["abs_rel"] - s["baselines"][b]["abs_rel"])
