@@ -5,6 +5,8 @@ The default suite checks wiring and math only. This runs `make demo` itself into
 dense depth with a cool-down), evaluates the checkpoint with evaluate.py's defaults on held-out
 scenes 64..191, outside the first 64 that the demo shows, and asserts:
 - i2d beats the mean-depth predictor by a wide margin (AbsRel under half of it, delta1 over twice);
+- i2d sees the objects: on object pixels its AbsRel is below the ground-truth plane's, which puts
+  the floor behind them there (a run whose depth queries never learned to read the image misses it);
 - the text is used: joint and d2i images adhere to their own captions more than to other scenes'
   captions (colour + relation tests).
 The stronger bar, i2d below the ground-truth-plane predictor, is not asserted: the demo's budget
@@ -31,9 +33,10 @@ def test_demo_learns_depth_and_follows_its_captions(tmp_path):
     run_cli("evaluate.py", "--ckpt", os.path.join(demo, "mofo"), "--data", "scenes", "--n", "128", "--offset", "64",
             "--tasks", "i2d,joint,d2i", "--batch-size", "32", "--out", out, timeout=1800)
     s = json.load(open(os.path.join(out, "summary.json")))
-    model, mean = s["model"], s["baselines"]["mean"]
+    model, mean, plane = s["model"], s["baselines"]["mean"], s["baselines"]["plane"]
     assert model["abs_rel"] < 0.5 * mean["abs_rel"], (model, mean)
     assert model["delta1"] > 2 * mean["delta1"], (model, mean)
+    assert model["abs_rel_objects"] < plane["abs_rel_objects"], (model, plane)
     for mode in ("joint", "d2i"):
         own, other = s[mode]["adherence"]["adherence"], s[mode]["adherence_random_caption"]["adherence"]
         assert own > other, (mode, s[mode])
