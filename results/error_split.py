@@ -54,12 +54,13 @@ def main() -> None:
     res = model.cfg.res
     indices = [scenes.TEST_OFFSET + i for i in range(args.offset, args.offset + args.n)]
     items = [scenes.render(scenes.sample_scene(i), res) for i in indices]
-    objects = [ev.scene_object_mask(it["depth"], ev.empty_scene_depth(i, res)) for i, it in zip(indices, items)]
+    empties = [ev.empty_scene_depth(i, res) for i in indices]  # each scene without its objects, rendered once
+    objects = [ev.scene_object_mask(it["depth"], e) for it, e in zip(items, empties)]
     preds = []
     for b in range(0, len(items), args.batch_size):
         rgbs = [it["rgb"] for it in items[b:b + args.batch_size]]
         preds += ev.predict_batch(model, tok, rgbs, steps=1, ensemble=1, seed=0, device=torch.device("cpu"))[0]
-    planes = [ev.scene_plane_baseline(i, res) for i in indices]
+    planes = [ev.scene_plane_baseline(i, res, e) for i, e in zip(indices, empties)]
 
     for name, source in (("model", preds), ("plane", planes)):
         rows = [split(pr, it, om, args.alignment) for pr, it, om in zip(source, items, objects)]
