@@ -74,10 +74,11 @@ class Config:
 # The paper's scaling family uses 30 flat layers (370M / 800M / 3.3B at widths 1024 / 1536 / 3072).
 # A triple-stream block carries three streams' weights, so we reach the same sizes with
 # 4 triple + 10 single + 2 depth-decoder blocks. `tiny` and `small` are for CPU tests and demos;
-# `tiny` has two shared blocks because with one, about half the CPU demo's seeds never learn a head
-# in which the depth queries read the image (results/demo.md, "Two shared blocks").
+# `tiny` has three shared blocks: with one, about half the CPU demo's seeds never learn a head in
+# which the depth queries read the image; each further block gives them another chance and the
+# demo's depth improves on average (results/demo.md, "Two shared blocks", "Three shared blocks").
 PRESETS: dict[str, Config] = {
-    "tiny": Config("tiny", res=32, patch=4, width=96, heads=3, n_triple=1, n_single=2, n_decoder=1,
+    "tiny": Config("tiny", res=32, patch=4, width=96, heads=3, n_triple=1, n_single=3, n_decoder=1,
                    vocab_size=512, text_len=24),
     "small": Config("small", res=64, patch=8, width=384, heads=6, n_triple=2, n_single=4, n_decoder=1,
                     vocab_size=1024, text_len=32),
