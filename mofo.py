@@ -602,7 +602,7 @@ def distill_loss(teacher: nn.Module, x_rgb: torch.Tensor, t_rgb: torch.Tensor, t
 
 # Per-mode defaults, measured on held-out scenes (results/sampling.md and RECIPE 4.3).
 DEFAULT_STEPS = {"joint": 30, "i2d": 1, "d2i": 30}
-DEFAULT_CFG = {"joint": 2.0, "i2d": 1.0, "d2i": 7.0}
+DEFAULT_CFG = {"joint": 3.0, "i2d": 1.0, "d2i": 7.0}
 
 
 def shift_schedule(u: torch.Tensor, mu: float) -> torch.Tensor:

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="items denoised together (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: joint 30, i2d 1, d2i 30)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: joint 2, i2d 1, d2i 7)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: joint 3, i2d 1, d2i 7)")
     p.add_argument("--log2-alpha", type=float, default=5.0,
                    help="joint trajectory warp: >0 RGB first, <0 depth first")
     p.add_argument("--refine-depth", action="store_true",

@@ -7,10 +7,12 @@ scenes 64..191, outside the first 64 that the demo shows, and asserts:
 - i2d beats the mean-depth predictor by a wide margin (AbsRel under half of it, delta1 over twice);
 - i2d sees the objects: on object pixels its AbsRel is below the ground-truth plane's, which puts
   the floor behind them there (a run whose depth queries never learned to read the image misses it);
+- i2d beats the ground-truth-plane predictor under the AbsRel-minimising scale and shift
+  (`--alignment abs_rel`, the objective the paper's evaluation fits);
 - the text is used: joint and d2i images adhere to their own captions more than to other scenes'
   captions (colour + relation tests).
-The stronger bar, i2d below the ground-truth-plane predictor, is not asserted: the demo's budget
-does not reach it.
+The plane bar under evaluate.py's default least-squares fit is not asserted: the demo's own run
+meets it by less than the evaluation's noise, and about half the seeds of its recipe miss it.
 results/demo.md has the measured values, the run time and every setting tried.
 """
 import json
@@ -37,6 +39,11 @@ def test_demo_learns_depth_and_follows_its_captions(tmp_path):
     assert model["abs_rel"] < 0.5 * mean["abs_rel"], (model, mean)
     assert model["delta1"] > 2 * mean["delta1"], (model, mean)
     assert model["abs_rel_objects"] < plane["abs_rel_objects"], (model, plane)
+    out_ar = str(tmp_path / "eval_abs_rel")
+    run_cli("evaluate.py", "--ckpt", os.path.join(demo, "mofo"), "--data", "scenes", "--n", "128", "--offset", "64",
+            "--tasks", "i2d", "--alignment", "abs_rel", "--batch-size", "32", "--out", out_ar, timeout=1800)
+    ar = json.load(open(os.path.join(out_ar, "summary.json")))
+    assert ar["model"]["abs_rel"] < ar["baselines"]["plane"]["abs_rel"], (ar["model"], ar["baselines"]["plane"])
     for mode in ("joint", "d2i"):
         own, other = s[mode]["adherence"]["adherence"], s[mode]["adherence_random_caption"]["adherence"]
         assert own > other, (mode, s[mode])

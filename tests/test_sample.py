@@ -60,7 +60,7 @@ def test_joint_writes_every_output(ckpt, tmp_path):
     # depth the model cannot place is marked (inf / NaN) and counted, the rest is positive
     placed = np.isfinite(depth)
     assert (depth[placed] > 0).all() and (~placed).sum() == sum(meta["marked_pixels"].values())
-    assert meta["seed"] == 0 and meta["args"]["mode"] == "joint" and meta["cfg_scale"] == 2.0
+    assert meta["seed"] == 0 and meta["args"]["mode"] == "joint" and meta["cfg_scale"] == 3.0
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
