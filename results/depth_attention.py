@@ -21,8 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
-from common import UserError, cli  # noqa: E402
-import evaluate as ev  # noqa: E402
+from common import UserError, cli, from_uint8  # noqa: E402
 import mofo  # noqa: E402
 import scenes  # noqa: E402
 
@@ -79,7 +78,7 @@ def main() -> None:
     res = model.cfg.res
     items = [scenes.render(scenes.sample_scene(scenes.TEST_OFFSET + i), res)
              for i in range(args.offset, args.offset + args.n)]
-    rgb = ev.from_uint8(np.stack([it["rgb"] for it in items]))
+    rgb = from_uint8(np.stack([it["rgb"] for it in items]))
     names = [f"triple {i}" for i in range(model.cfg.n_triple)] + [f"single {i}" for i in range(model.cfg.n_single)]
     n_txt, n_img = model.cfg.text_len, (res // model.cfg.patch) ** 2
     print(f"{args.ckpt} ({'raw' if args.raw else 'EMA'}), {args.n} held-out scenes; depth queries' attention "
